@@ -1,0 +1,52 @@
+"""Atomic output: every file we write appears whole or not at all.
+
+Writers produce into a temporary file in the destination directory (so the final rename never
+crosses a filesystem) and replace the target only after the data is flushed to disk. An interrupted
+run therefore leaves the previous good file in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it is renamed over `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file for writing that replaces `target` when the block ends without error."""
+    if "b" not in mode and encoding is None:
+        encoding = "utf-8"
+    with atomic_path(target) as tmp:
+        with open(tmp, mode, encoding=encoding) as fh:
+            yield fh
+
+
+def write_text(target: str | os.PathLike, text: str) -> None:
+    with atomic_open(target, "w") as fh:
+        fh.write(text)
+
+
+def write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(target, "wb") as fh:
+        fh.write(data)
