@@ -1,0 +1,329 @@
+"""Read WebUI single-file checkpoints safely and tell what model they hold.
+
+- :func:`open_checkpoint`: ``.safetensors`` tensor by tensor (``safe_open``), ``.ckpt``/``.pt`` through the
+  restricted unpickler (weights optionally wrapped in ``{"state_dict": ...}``). The format is sniffed from
+  the first bytes, not trusted from the suffix.
+- :func:`detect`: family from the tensors as the WebUI does (text-encoder layout, context width, UNet input
+  channels), overridden by a ``<checkpoint>.yaml`` beside the file.
+- :func:`probe_is_v`: the WebUI's v-prediction test for SD2 (one UNet forward, see the function).
+- :func:`short_hash`: the WebUI's short hash, sha256 of the whole file, first 10 hex digits.
+
+Every problem a user can fix raises :class:`~extensions_lib.errors.AlchemyError` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import AlchemyError
+from . import keymap
+
+FIX_REDOWNLOAD = "download or copy the checkpoint again"
+_UNET_IN = keymap.UNET_PREFIX + "input_blocks.0.0.weight"
+_SDXL_MARKER = "conditioner.embedders."
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+class CheckpointReader:
+    """Keys, shapes and tensors of one checkpoint file; use as a context manager.
+
+    ``take(key)`` hands a tensor over and forgets it where possible, so a loader converting key by key
+    never holds the whole file twice.
+    """
+
+    path: Path
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def take(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _SafetensorsReader(CheckpointReader):
+    def __init__(self, path: Path, header: dict):
+        from safetensors import safe_open
+
+        self.path = path
+        self._header = {k: v for k, v in header.items() if k != "__metadata__"}
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:
+            raise AlchemyError(f"not a readable .safetensors file ({exc})", path, FIX_REDOWNLOAD) from exc
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES.get(self._header[key]["dtype"], torch.uint8)
+
+    def take(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)
+        except Exception as exc:
+            raise AlchemyError(f"cannot read tensor {key!r} ({exc})", self.path, FIX_REDOWNLOAD) from exc
+
+    def close(self) -> None:
+        self._file = None
+
+
+class _PickleReader(CheckpointReader):
+    def __init__(self, path: Path, state_dict: dict[str, torch.Tensor]):
+        self.path = path
+        self._sd = state_dict
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._sd[key].dtype
+
+    def take(self, key: str) -> torch.Tensor:
+        return self._sd.pop(key)
+
+    def close(self) -> None:
+        self._sd = {}
+
+
+def _check_file(path: Path) -> int:
+    if path.is_dir():
+        raise AlchemyError("is a folder, not a checkpoint file", path,
+                           "pass the .safetensors or .ckpt file itself (a diffusers folder is not supported)")
+    if not path.exists():
+        raise AlchemyError("checkpoint file not found", path, "check the path")
+    size = path.stat().st_size
+    if size == 0:
+        raise AlchemyError("checkpoint file is empty (0 bytes)", path, FIX_REDOWNLOAD)
+    return size
+
+
+def _safetensors_header(path: Path, size: int, head: bytes) -> dict | None:
+    """The parsed JSON header if the file starts like a safetensors file, else None."""
+    if len(head) < 9:
+        return None
+    (length,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{" or length > 100_000_000:
+        return None
+    if 8 + length > size:
+        raise AlchemyError("truncated .safetensors file: its header is cut off", path, FIX_REDOWNLOAD)
+    with open(path, "rb") as fh:
+        fh.seek(8)
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise AlchemyError(f"damaged .safetensors header ({exc})", path, FIX_REDOWNLOAD) from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise AlchemyError(f"truncated .safetensors file: {size} bytes, the header needs {8 + length + end}",
+                           path, FIX_REDOWNLOAD)
+    return header
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise AlchemyError("not a model checkpoint: the file holds no tensor dictionary", path,
+                           "choose a Stable Diffusion .safetensors or .ckpt file")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise AlchemyError("not a model checkpoint: the file holds no tensors", path,
+                           "choose a Stable Diffusion .safetensors or .ckpt file")
+    return tensors
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
+    """Open `path` for reading (format sniffed from its first bytes)."""
+    path = Path(path)
+    size = _check_file(path)
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    header = _safetensors_header(path, size, head)
+    if header is not None:
+        return _SafetensorsReader(path, header)
+    if head[:2] == b"PK" or head[:1] == b"\x80":       # torch zip archive / legacy pickle
+        from ..safe_pickle import safe_load
+
+        return _PickleReader(path, _unwrap_state_dict(safe_load(path), path))
+    raise AlchemyError("not a checkpoint: neither a .safetensors nor a PyTorch file", path,
+                       "choose a Stable Diffusion .safetensors or .ckpt file")
+
+
+# --- detection ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Detected:
+    """What a checkpoint holds. prediction_type is None when only a UNet forward can tell (SD2)."""
+
+    family: str                 # "sd1" | "sd2"
+    prediction_type: str | None
+    context_dim: int
+    unet_channels: int          # width of the first UNet level (320 for real models)
+    text_width: int
+    source: str                 # "tensors" or the yaml that decided
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise AlchemyError(f"cannot read the config yaml ({exc})".replace("\n", " "), path,
+                           "fix or delete the .yaml beside the checkpoint") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise AlchemyError("not an LDM model config (no 'model:' section)", path,
+                           "fix or delete the .yaml beside the checkpoint")
+    return data["model"]
+
+
+def yaml_overrides(checkpoint: Path) -> tuple[Path, dict] | None:
+    """(yaml path, {"family"?, "prediction_type"?}) from ``<checkpoint>.yaml`` if it exists."""
+    path = checkpoint.with_suffix(".yaml")
+    if not path.is_file():
+        return None
+    model = _read_yaml(path)
+    params = model.get("params") or {}
+    out = {}
+    target = str(model.get("target", ""))
+    if target.startswith("sgm."):
+        raise AlchemyError("the config describes an SDXL model, which the standalone backend cannot load", path,
+                           "use an SD1.x or SD2.x checkpoint, or run inside the WebUI")
+    parameterization = params.get("parameterization", "eps")
+    if parameterization not in ("eps", "v"):
+        raise AlchemyError(f"unsupported parameterization {parameterization!r}", path, "use 'eps' or 'v'")
+    out["prediction_type"] = parameterization
+    cond = str((params.get("cond_stage_config") or {}).get("target", ""))
+    if "FrozenOpenCLIPEmbedder" in cond:
+        out["family"] = "sd2"
+    elif "FrozenCLIPEmbedder" in cond:
+        out["family"] = "sd1"
+    in_channels = ((params.get("unet_config") or {}).get("params") or {}).get("in_channels")
+    if in_channels not in (None, 4):
+        raise AlchemyError(f"the config describes a UNet with {in_channels} input channels (inpainting?), "
+                           "which the standalone backend cannot load", path, "use a normal txt2img checkpoint")
+    return path, out
+
+
+def _first_shape(reader: CheckpointReader, suffix: str) -> tuple[int, ...] | None:
+    for key in reader.keys():
+        if key.startswith(keymap.UNET_PREFIX) and key.endswith(suffix):
+            return reader.shape(key)
+    return None
+
+
+def detect(reader: CheckpointReader) -> Detected:
+    """Family, context width and (for SD1, or from a yaml) prediction type of an open checkpoint."""
+    path = reader.path
+    keys = reader.keys()
+    if any(k.startswith(_SDXL_MARKER) for k in keys):
+        raise AlchemyError("this is an SDXL checkpoint, which the standalone backend cannot load", path,
+                           "use an SD1.x or SD2.x checkpoint, or run inside the WebUI")
+    if _UNET_IN not in keys:
+        raise AlchemyError("not a Stable Diffusion checkpoint: no UNet weights (model.diffusion_model.*)", path,
+                           "choose a full SD1.x/SD2.x checkpoint, not a VAE, LoRA or embedding")
+    in_shape = reader.shape(_UNET_IN)
+    if len(in_shape) != 4:
+        raise AlchemyError(f"unknown architecture: UNet input conv has shape {list(in_shape)}", path,
+                           "choose an SD1.x or SD2.x checkpoint")
+    if in_shape[1] == 9:
+        raise AlchemyError("this is an inpainting checkpoint (9 UNet input channels), which the standalone "
+                           "backend cannot load", path, "use a normal txt2img checkpoint")
+    if in_shape[1] != 4:
+        raise AlchemyError(f"unknown architecture: UNet takes {in_shape[1]} input channels, expected 4", path,
+                           "choose an SD1.x or SD2.x checkpoint")
+    if any(k.startswith(keymap.OPEN_CLIP_PREFIX) for k in keys):
+        family, width_key = "sd2", keymap.OPEN_CLIP_PREFIX + "token_embedding.weight"
+    elif any(k.startswith(keymap.CLIP_PREFIX) for k in keys):
+        family, width_key = "sd1", keymap.CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+    else:
+        raise AlchemyError("unknown architecture: no text encoder (cond_stage_model.transformer.* for SD1, "
+                           "cond_stage_model.model.* for SD2)", path, "choose a full SD1.x/SD2.x checkpoint")
+    if width_key not in keys:      # early SD1 files lack the "text_model." level
+        width_key = width_key.replace("text_model.", "")
+    if width_key not in keys:
+        raise AlchemyError(f"damaged checkpoint: missing {width_key}", path, FIX_REDOWNLOAD)
+    context = _first_shape(reader, "attn2.to_k.weight")
+    if context is None:
+        raise AlchemyError("unknown architecture: the UNet has no cross-attention", path,
+                           "choose an SD1.x or SD2.x checkpoint")
+    detected = Detected(family=family, prediction_type="eps" if family == "sd1" else None,
+                        context_dim=int(context[1]), unet_channels=int(in_shape[0]),
+                        text_width=int(reader.shape(width_key)[1]), source="tensors")
+    override = yaml_overrides(Path(path))
+    if override:
+        yaml_path, values = override
+        detected = Detected(**{**detected.__dict__, **values, "source": str(yaml_path)})
+    return detected
+
+
+@torch.no_grad()
+def probe_is_v(unet: torch.nn.Module, context_dim: int) -> bool:
+    """The WebUI's SD2 v-prediction test (``sd_models_config.is_using_v_parameterization_for_sd2``).
+
+    At t=999 the latent is almost pure noise: an eps model returns about its input, a v model about
+    ``-x0``, far below it. The WebUI feeds x = 0.5 everywhere with a constant 0.5 context and calls it v
+    when mean(out - x) < -1. Deterministic for given weights.
+    """
+    param = next(unet.parameters())
+    x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+    cond = torch.full((1, 2, context_dim), 0.5, device=param.device, dtype=param.dtype)
+    t = torch.tensor([999], device=param.device)
+    out = unet(x, t, encoder_hidden_states=cond).sample
+    return (out.float() - x.float()).mean().item() < -1
+
+
+# --- hashing --------------------------------------------------------------------------------------------
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def short_hash(path: str | os.PathLike) -> str:
+    """The WebUI's checkpoint short hash: sha256 of the whole file, first 10 hex digits."""
+    return sha256_file(path)[:10]
+
+
+def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every key, handing each tensor over once."""
+    for key in reader.keys():
+        yield key, reader.take(key)

@@ -1,0 +1,280 @@
+"""The standalone model: diffusers/transformers modules loaded from a WebUI single-file checkpoint.
+
+:func:`load_model` builds ``UNet2DConditionModel``, ``AutoencoderKL`` and ``CLIPTextModel`` from the
+configs kept in the repo on the meta device (no random-init cost, no memory), then streams the
+checkpoint in tensor by tensor through :mod:`.keymap`, so peak memory stays about one copy of the
+weights. :class:`StandaloneModel` implements :class:`extensions_lib.adapter.ModelAdapter`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..adapter import LatentDistribution, TextEncoderInfo
+from ..errors import AlchemyError
+from . import keymap
+from .checkpoint import Detected, detect, open_checkpoint, probe_is_v, short_hash
+from .configs import ModelConfig, alphas_cumprod_from_schedule, load_config
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+class StandaloneModel:
+    """A loaded SD1/SD2 model behind the :class:`~extensions_lib.adapter.ModelAdapter` interface.
+
+    All parameters are frozen (``requires_grad=False``); trainers unfreeze what they train. With
+    ``offload=True`` parts stay on the CPU until :meth:`use` asks for them on ``device``.
+    """
+
+    def __init__(self, *, path: Path, config: ModelConfig, parts: dict[str, torch.nn.Module],
+                 alphas_cumprod: torch.Tensor, device: torch.device, offload: bool = False):
+        self.path = Path(path)
+        self.config = config
+        self.family = config.family
+        self.prediction_type = config.prediction_type
+        self.context_dim = int(config.unet["cross_attention_dim"])
+        self.checkpoint_name = self.path.stem
+        self.vae_scale_factor = float(config.scale_factor)
+        self.alphas_cumprod = alphas_cumprod
+        self.device = torch.device(device)
+        self.offload = offload
+        self.unet = parts["unet"]
+        self.vae = parts["vae"]
+        self.text_encoder = parts["text_encoder"]
+        self._hash: str | None = None
+        self._tokenizer = None
+        embeddings = self.text_encoder.text_model.embeddings
+        self.text_encoders = [TextEncoderInfo(key="", width=int(config.text_encoder["hidden_size"]),
+                                              token_embedding=embeddings.token_embedding,
+                                              id_pad=49407 if config.text_encoder_kind == "clip" else 0)]
+
+    # --- identity --------------------------------------------------------------------------------------
+    @property
+    def checkpoint_hash(self) -> str:
+        """sha256[:10] of the file, computed on first use (it reads the whole file)."""
+        if self._hash is None:
+            self._hash = short_hash(self.path) if self.path.is_file() else ""
+        return self._hash
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # --- text ------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import make_tokenizer
+
+            self._tokenizer = make_tokenizer(self.config.text_encoder_kind)
+        return self._tokenizer
+
+    def encode_token_chunks(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        from .text_encoding import encode_chunks
+
+        with self.use("text_encoder"):
+            return encode_chunks(self.text_encoder, tokens, self.family, clip_skip)
+
+    # --- latents ---------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> LatentDistribution:
+        with self.use("vae"):
+            param = next(self.vae.parameters())
+            dist = self.vae.encode(images.to(param.device, param.dtype)).latent_dist
+            return LatentDistribution(mean=dist.mean, std=dist.std, scale=self.vae_scale_factor)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        with self.use("vae"):
+            param = next(self.vae.parameters())
+            return self.vae.decode(latents.to(param.device, param.dtype) / self.vae_scale_factor).sample
+
+    # --- denoiser --------------------------------------------------------------------------------------
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with self.use("unet"):
+            param = next(self.unet.parameters())
+            timesteps = torch.as_tensor(timesteps, device=param.device)
+            if timesteps.ndim == 0:
+                timesteps = timesteps.expand(noisy_latents.shape[0])
+            return self.unet(noisy_latents.to(param.device, param.dtype), timesteps,
+                             encoder_hidden_states=cond.to(param.device, param.dtype)).sample
+
+    def attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        from diffusers.models.attention_processor import Attention
+
+        return [(name, m) for name, m in self.unet.named_modules() if isinstance(m, Attention)]
+
+    # --- placement -------------------------------------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def _part_device(self, part: str) -> torch.device:
+        return next(self.modules()[part].parameters()).device
+
+    @contextlib.contextmanager
+    def use(self, *parts: str) -> Iterator[None]:
+        """Have `parts` on ``device`` inside the block; with offloading, the others go to the CPU first."""
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {PARTS}")
+        if self.offload:
+            for name, module in self.modules().items():
+                if name not in parts:
+                    module.to("cpu")
+            for name in parts:
+                self.modules()[name].to(self.device)
+        yield
+
+
+# --- loading --------------------------------------------------------------------------------------------
+
+def _candidate_configs(family: str, prediction_type: str | None) -> list[ModelConfig]:
+    from .tiny import tiny_config
+
+    base = load_config("sd2-v" if family == "sd2" and prediction_type == "v" else family)
+    return [base, tiny_config(base)]
+
+
+def choose_config(detected: Detected, path: Path) -> ModelConfig:
+    """The repo config whose UNet and text widths match the checkpoint's tensors."""
+    for config in _candidate_configs(detected.family, detected.prediction_type):
+        if (config.unet["block_out_channels"][0] == detected.unet_channels
+                and config.text_encoder["hidden_size"] == detected.text_width
+                and config.unet["cross_attention_dim"] == detected.context_dim):
+            return config
+    raise AlchemyError(
+        f"unknown {detected.family} architecture: UNet width {detected.unet_channels}, text width "
+        f"{detected.text_width}, context {detected.context_dim} match no known model", path,
+        "choose a standard SD1.x or SD2.x checkpoint")
+
+
+def _compute_dtype(requested: torch.dtype | None, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    if requested is not None:
+        return requested
+    if device.type == "cpu" or stored not in (torch.float16, torch.bfloat16):
+        return torch.float32     # half-precision kernels are missing or slow on CPU
+    return stored
+
+
+def _build_on_meta(config: ModelConfig) -> dict[str, torch.nn.Module]:
+    from .tiny import build_modules
+
+    with torch.device("meta"):
+        return build_modules(config)
+
+
+def _assign(root: torch.nn.Module, key: str, tensor: torch.Tensor, path: Path, source_key: str) -> None:
+    """Put `tensor` at diffusers `key` of `root`, checking it against the module's own shape and kind."""
+    module_name, _, name = key.rpartition(".")
+    try:
+        module = root.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or (name not in module._parameters and name not in module._buffers):
+        raise AlchemyError(f"unexpected tensor {source_key}", path,
+                           "the file is not a standard SD1.x/SD2.x checkpoint")
+    current = module._parameters.get(name)
+    if current is None:
+        current = module._buffers[name]
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise AlchemyError(f"wrong shape for {source_key}: {list(tensor.shape)}, expected "
+                           f"{list(current.shape)}", path, "the file is damaged or not a standard checkpoint")
+    if current.is_floating_point() != tensor.is_floating_point():
+        raise AlchemyError(f"wrong dtype for {source_key}: {tensor.dtype}", path,
+                           "the file is damaged or not a standard checkpoint")
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[name] = tensor
+
+
+def _materialize_buffers(parts: dict[str, torch.nn.Module], device: torch.device) -> None:
+    """Buffers the model computes itself (CLIP position ids) rather than reading from the file."""
+    embeddings = parts["text_encoder"].text_model.embeddings
+    if getattr(embeddings, "position_ids", None) is not None and embeddings.position_ids.is_meta:
+        count = embeddings.position_embedding.num_embeddings
+        embeddings.position_ids = torch.arange(count, device=device).unsqueeze(0)
+
+
+def _check_complete(parts: dict[str, torch.nn.Module], path: Path, layout: keymap.Layout) -> None:
+    missing = [keymap.diffusers_to_ldm(name, key, layout).key for name, module in parts.items()
+               for key, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    missing = list(dict.fromkeys(missing))     # q/k/v of one OpenCLIP in_proj name the same key
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise AlchemyError(f"incomplete checkpoint: {len(missing)} tensors missing ({shown})", path,
+                           "the file is damaged or cut short; " + "download or copy it again")
+
+
+@dataclasses.dataclass
+class LoadedParts:
+    config: ModelConfig
+    detected: Detected
+    parts: dict[str, torch.nn.Module]
+    alphas_cumprod: torch.Tensor
+
+
+def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, config_override: ModelConfig | None = None,
+               offload: bool = False) -> LoadedParts:
+    """Detect the model in `path` and load the `names` parts of it (all by default) for `device`.
+
+    The parts are placed on `device`, or kept on the CPU with `offload`. With "unet" among them, an SD2
+    file's prediction type is settled by the WebUI's probe (unless a yaml or `config_override` says).
+    """
+    path = Path(path)
+    device = torch.device(device)
+    home = torch.device("cpu") if offload else device
+    with open_checkpoint(path) as reader:
+        detected = detect(reader)
+        config = config_override or choose_config(detected, path)
+        dtype = _compute_dtype(dtype, device, reader.dtype(keymap.UNET_PREFIX + "input_blocks.0.0.weight"))
+        parts = {name: module for name, module in _build_on_meta(config).items() if name in names}
+        layout = keymap.Layout.from_config(config)
+        alphas_cumprod = None
+        for key in reader.keys():
+            pieces = keymap.ldm_to_diffusers(key, layout)
+            if pieces[0].component == keymap.EXTRA and key.startswith(keymap.UNET_PREFIX):
+                raise AlchemyError(f"unexpected tensor {key}: this UNet has parts SD1/SD2 do not have", path,
+                                   "the standalone backend loads standard SD1.x/SD2.x checkpoints only")
+            if key == "alphas_cumprod":
+                alphas_cumprod = reader.take(key).to(torch.float32)
+            if pieces[0].component not in parts:
+                continue      # EMA copies, schedule buffers, projection heads, parts not asked for
+            tensor = reader.take(key)
+            for piece in pieces:
+                value = keymap.to_diffusers_tensor(tensor, piece)
+                value = value.to(home, dtype) if value.is_floating_point() else value.to(home)
+                _assign(parts[piece.component], piece.key, value.contiguous(), path, key)
+            del tensor
+    if "text_encoder" in parts:
+        _materialize_buffers(parts, home)
+    _check_complete(parts, path, layout)
+    for module in parts.values():
+        module.eval()
+    if alphas_cumprod is None or alphas_cumprod.shape != (int(config.scheduler["num_train_timesteps"]),):
+        alphas_cumprod = alphas_cumprod_from_schedule(config.scheduler).to(torch.float32)
+    if config_override is None and detected.prediction_type is None and "unet" in parts:
+        is_v = probe_is_v(parts["unet"].to(device), config.unet["cross_attention_dim"])
+        parts["unet"].to(home)
+        # sd2 and sd2-v share the module structure, so only the facts change.
+        detected = dataclasses.replace(detected, prediction_type="v" if is_v else "eps")
+        config = choose_config(detected, path)
+    return LoadedParts(config, detected, parts, alphas_cumprod.cpu())
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               config_override: ModelConfig | None = None, offload: bool = False) -> StandaloneModel:
+    """Load an SD1/SD2 single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``) as a StandaloneModel.
+
+    dtype: compute dtype; by default float32 on CPU, the file's half precision elsewhere.
+    config_override: use this config instead of detecting one (its prediction type is final).
+    offload: keep parts on the CPU until :meth:`StandaloneModel.use` needs them on `device`.
+    """
+    device = torch.device(device)
+    loaded = load_parts(path, PARTS, device, dtype, config_override, offload)
+    return StandaloneModel(path=Path(path), config=loaded.config, parts=loaded.parts,
+                           alphas_cumprod=loaded.alphas_cumprod, device=device, offload=offload)

@@ -1,0 +1,60 @@
+"""``alchemy txt2img``: generate images from a checkpoint, saved as PNG with WebUI infotext."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import AlchemyError
+from ..options import add_cli_arguments, from_cli, option
+from ..sampling.infotext import save_png
+from ..sampling.txt2img import GenerationOptions, check_options, generate_from
+
+
+@dataclass
+class Txt2ImgCommand:
+    """What the command needs beyond the generation settings."""
+
+    ckpt: Optional[Path] = option(None, help="checkpoint to generate with (.safetensors or .ckpt)", ui=False)
+    out: Path = option(Path("txt2img.png"), help="output PNG; a batch writes OUT-0.png, OUT-1.png, ...", ui=False)
+    device: str = option("auto", help="where to run: cpu, cuda, cuda:1, ...; auto = cuda when available", ui=False)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("txt2img", help="generate images from a prompt",
+                                   description="Generate images; each PNG records its settings as the WebUI does.")
+    add_cli_arguments(parser, Txt2ImgCommand)
+    add_cli_arguments(parser, GenerationOptions)
+    parser.set_defaults(func=run)
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    if out.suffix.lower() != ".png":
+        raise AlchemyError("output must be a .png file", path=out, fix="give --out a name ending in .png")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    command = from_cli(Txt2ImgCommand, args)
+    opts = from_cli(GenerationOptions, args)
+    if command.ckpt is None:
+        raise AlchemyError("no checkpoint given", fix="pass --ckpt path/to/model.safetensors")
+    paths = output_paths(command.out, opts.batch_size)
+    check_options(opts)  # before the (slow) model load
+
+    import torch
+    from tqdm import tqdm
+
+    from ..backend.standalone import load_model
+
+    device = command.device if command.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = load_model(command.ckpt, device=device)
+    with tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
+        images = generate_from(adapter, opts, callback=lambda info: bar.update(1))
+    for image, path in zip(images, paths):
+        save_png(image, path)
+        print(path)
+    return 0

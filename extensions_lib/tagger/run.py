@@ -1,0 +1,286 @@
+"""Tag a folder of images: decode in threads, infer in batches, write captions atomically.
+
+Pipeline: a bounded window of decode jobs runs in a thread pool (read bytes, hash, look up the
+score cache, decode, prepare the model input) while the calling thread runs the model on full
+batches (fixed-batch models: their own batch size) and a writer thread renders and writes captions.
+PIL, numpy and onnxruntime/torch release the GIL, so the three overlap.
+
+Safety: an image whose caption exists under the `skip` policy is never decoded nor inferred (a re-run
+resumes); captions are UTF-8 and written temp-file + rename; a caption path can never be an image
+(the caption extension may not be an image extension, and two images that would share a caption file
+are reported instead of one silently winning); Ctrl-C stops after the current batch, keeps every
+caption already written and returns a summary marked interrupted.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..atomic import atomic_open, write_text
+from ..errors import AlchemyError
+from .base import Tagger, predict_images
+from .cache import ScoreCache, content_hash, default_cache_dir
+from .captions import caption_tags, join_caption, merge_existing, render_caption, thresholds
+from .image_io import ImageSkipped, decode_image, image_extensions, list_images
+from .labels import RATING
+from .options import CaptionOptions, TagRunOptions
+
+FREE_BATCH_DEFAULT = 8
+MANIFEST_FLOOR = 0.1
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    inferred: int = 0             # images the model ran on
+    from_cache: int = 0           # images captioned from cached scores
+    kept_existing: int = 0        # skipped because a caption exists (policy "skip")
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (image, reason)
+    tag_counts: collections.Counter = field(default_factory=collections.Counter)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.inferred + self.from_cache
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Job:
+    image: Path
+    caption: Path
+    key: str = ""
+    array: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    reason: str | None = None
+
+
+def caption_path_for(image: Path, input_root: Path, output_dir: Path | None, extension: str) -> Path:
+    """`<stem><extension>` beside the image, or at the mirrored place under `output_dir`."""
+    if output_dir is None:
+        return image.with_suffix(extension)
+    return (Path(output_dir) / image.relative_to(input_root)).with_suffix(extension)
+
+
+def _check_extension(extension: str) -> str:
+    if not extension.startswith(".") or len(extension) < 2 or "/" in extension or os.sep in extension:
+        raise AlchemyError(f"caption extension {extension!r} must look like '.txt'", fix="use --caption-extension .txt")
+    if extension.lower() in image_extensions():
+        raise AlchemyError(f"caption extension {extension!r} is an image extension; captions would overwrite images",
+                           fix="use --caption-extension .txt")
+    return extension
+
+
+def plan_jobs(input_dir: Path, run: TagRunOptions, summary: RunSummary,
+              policy: str) -> list[_Job]:
+    """Images to process, with caption paths; existing captions (skip policy) and clashes are settled here."""
+    extension = _check_extension(run.caption_extension)
+    images = list_images(input_dir, recursive=run.recursive)
+    summary.total = len(images)
+    claimed: dict[Path, Path] = {}
+    jobs = []
+    for image in images:
+        caption = caption_path_for(image, input_dir, run.output_dir, extension)
+        if caption in claimed:
+            summary.skipped.append((str(image), f"{caption.name} is already the caption of {claimed[caption].name}"))
+            continue
+        claimed[caption] = image
+        if caption.is_dir():
+            summary.skipped.append((str(image), f"{caption} is a folder"))
+            continue
+        if policy == "skip" and caption.is_file():
+            summary.kept_existing += 1
+            continue
+        jobs.append(_Job(image, caption))
+    return jobs
+
+
+def _load(job: _Job, tagger: Tagger, cache: ScoreCache | None, max_pixels: int) -> _Job:
+    """Decoder-thread work: bytes -> hash -> cached scores, or decoded and prepared model input."""
+    try:
+        data = job.image.read_bytes()
+    except OSError as exc:
+        job.reason = f"unreadable ({exc.strerror or exc})"
+        return job
+    job.key = content_hash(data)
+    if cache is not None:
+        job.scores = cache.get(job.key)
+        if job.scores is not None:
+            return job
+    try:
+        job.array = tagger.prepare(decode_image(data, max_pixels=max_pixels))
+    except ImageSkipped as exc:
+        job.reason = exc.reason
+    return job
+
+
+def _read_existing(path: Path) -> str | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # an old caption in a legacy code page: keep its bytes readable
+        return raw.decode("latin-1")
+
+
+def _manifest_record(job: _Job, tagger: Tagger, tags: list[str], scores: np.ndarray, opts: CaptionOptions,
+                     root: Path) -> dict:
+    """One JSONL line: the written tags, every rating score, and each tag's score down to
+    min(MANIFEST_FLOOR, the thresholds used), best first."""
+    labels = tagger.labels
+    floor = min(MANIFEST_FLOOR, *thresholds(scores, labels, opts, tagger.default_thresholds))
+    above = np.flatnonzero((scores >= floor) & (labels.categories != RATING))
+    return {
+        "image": job.image.relative_to(root).as_posix(),
+        "caption": job.caption.as_posix(),
+        "sha256": job.key,
+        "tags": tags,
+        "ratings": {labels.names[i]: round(float(scores[i]), 6) for i in labels.indices(RATING)},
+        "scores": {labels.names[i]: round(float(scores[i]), 6) for i in above[np.argsort(-scores[above], kind="stable")]},
+    }
+
+
+def tag_directory(input_dir: str | os.PathLike, tagger: Tagger, caption_opts: CaptionOptions,
+                  run: TagRunOptions, *, progress: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None,
+                  report: Callable[[str], None] | None = None) -> RunSummary:
+    """Caption every image in `input_dir` (see the module docstring); returns what happened."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise AlchemyError("input folder not found", input_dir, "pass the folder holding the images")
+    started = time.perf_counter()
+    summary = RunSummary()
+    jobs = plan_jobs(input_dir, run, summary, caption_opts.existing_caption)
+    done = summary.total - len(jobs)
+    if progress:
+        progress(done, summary.total)
+    cache = ScoreCache(run.cache_dir or default_cache_dir(), tagger.model_id, len(tagger.labels)) \
+        if run.cache else None
+    batch_size = tagger.fixed_batch or run.batch_size or FREE_BATCH_DEFAULT
+    workers = run.workers or max(1, min(4, os.cpu_count() or 1))
+    window = max(2 * batch_size, 2 * workers)
+    records: list[dict] = []
+    writes: list[Future] = []
+
+    def write(job: _Job, scores: np.ndarray, inferred: bool) -> None:
+        if cache is not None and inferred:
+            cache.put(job.key, scores)
+        existing = _read_existing(job.caption) if job.caption.exists() else None
+        tags = merge_existing(caption_tags(scores, tagger.labels, caption_opts, tagger.default_thresholds),
+                              existing, caption_opts)
+        write_text(job.caption, join_caption(tags, caption_opts.separator))
+        summary.tag_counts.update(tags)
+        summary.written += 1
+        if run.manifest:
+            records.append(_manifest_record(job, tagger, tags, scores, caption_opts, input_dir))
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tagger-decode")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="tagger-write")  # one thread: no locking of summary
+    queue: collections.deque[Future] = collections.deque()
+    pending = iter(jobs)
+    batch: list[_Job] = []
+
+    def refill():
+        while len(queue) < window:
+            job = next(pending, None)
+            if job is None:
+                return
+            queue.append(pool.submit(_load, job, tagger, cache, run.max_pixels))
+
+    def flush():
+        nonlocal done
+        if not batch:
+            return
+        scores = tagger.predict(np.stack([j.array for j in batch]))
+        for job, row in zip(batch, scores):
+            job.array = None
+            writes.append(writer.submit(write, job, row, True))
+        summary.inferred += len(batch)
+        done += len(batch)
+        batch.clear()
+        if progress:
+            progress(done, summary.total)
+
+    try:
+        refill()
+        while queue:
+            job = queue.popleft().result()
+            refill()
+            if job.reason is not None:
+                summary.skipped.append((str(job.image), job.reason))
+                done += 1
+            elif job.scores is not None:
+                writes.append(writer.submit(write, job, job.scores, False))
+                summary.from_cache += 1
+                done += 1
+            else:
+                batch.append(job)
+                if len(batch) >= batch_size:
+                    flush()
+                    if should_stop and should_stop():
+                        summary.interrupted = True
+                        break
+                continue
+            if progress:
+                progress(done, summary.total)
+        else:
+            flush()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        for fut in queue:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+    for fut in writes:
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, OSError):
+                summary.skipped.append((getattr(exc, "filename", "") or "?", f"caption not written ({exc})"))
+            else:
+                raise exc
+    if run.manifest:
+        records.sort(key=lambda r: r["image"])
+        with atomic_open(run.manifest, "w") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            for image, reason in summary.skipped:
+                fh.write(json.dumps({"image": image, "skipped": reason}, ensure_ascii=False) + "\n")
+    summary.seconds = time.perf_counter() - started
+    if report:
+        report(format_summary(summary, run.summary_top))
+    return summary
+
+
+def format_summary(summary: RunSummary, top: int = 20) -> str:
+    """Human-readable end-of-run report: counts, every skipped file with its reason, frequent tags."""
+    lines = [f"{'interrupted: ' if summary.interrupted else ''}{summary.written} captions written for "
+             f"{summary.total} images in {summary.seconds:.1f}s ({summary.inferred} inferred, {summary.from_cache} "
+             f"from the score cache, {summary.kept_existing} kept because a caption exists, "
+             f"{len(summary.skipped)} skipped; {summary.images_per_second:.1f} images/s)"]
+    for image, reason in summary.skipped:
+        lines.append(f"  skipped {image}: {reason}")
+    if top and summary.tag_counts:
+        common = summary.tag_counts.most_common(top)
+        lines.append("most frequent tags: " + ", ".join(f"{tag} ({n})" for tag, n in common))
+    return "\n".join(lines)
+
+
+def caption_images(tagger: Tagger, images: Sequence[Image.Image], opts: CaptionOptions,
+                   batch_size: int = FREE_BATCH_DEFAULT) -> list[str]:
+    """Caption text for in-memory images (no files, no cache): the preprocessing step's entry point."""
+    scores = predict_images(tagger, images, batch_size)
+    return [render_caption(row, tagger.labels, opts, tagger.default_thresholds) for row in scores]

@@ -1,0 +1,394 @@
+"""The method-agnostic training loop.
+
+A training method (textual inversion, hypernetwork, DreamBooth, APT...) is a small object implementing
+:class:`TrainingMethod`; :func:`train` does everything else: optimizer, learning-rate schedule, gradient
+accumulation and clipping, mixed precision, the non-finite guard, progress, cancellation, periodic and
+final saves, previews, the loss CSV and plot, the settings JSON and exact resume.
+
+Exact resume: the resume state (``<log>/resume-state.pt``) holds the step, the optimizer (and loss
+scaler) state, the method's ``state_dict()``, every RNG the run draws from and the loss history. The data
+order is a pure function of (seed, epoch) and the learning rate of the step, so a run stopped at step k
+and resumed reaches step n with bit-identical parameters to a run that was never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import torch
+
+from ..errors import AlchemyError
+from .batches import Batch, BatchSource
+from .lr_schedule import Schedule, parse_schedule
+from .provenance import Provenance
+from .resume import STATE_FILE, RunCounters, find_resume_state, load_resume_state, restore, save_state
+from .rng import LoopRngs, global_rng_preserved
+from .run_log import append_csv, log_dir_for, plot_losses, trim_csv, write_settings
+
+class TrainingMethod(Protocol):
+    """What a training method provides. Everything model-specific lives here; nothing about the loop does.
+
+    Required
+    - ``name``: the run's name (log folder ``<log>/<date>/<name>/``, file names).
+    - ``data``: a :class:`~extensions_lib.train.batches.BatchSource`, usually built with
+      :func:`~extensions_lib.train.batches.build_training_data`. DreamBooth's prior preservation is a
+      BatchSource that appends class images to every batch; the loop does not know the difference.
+    - ``provenance``: a :class:`~extensions_lib.train.provenance.Provenance` (recorded in the settings
+      JSON; the method embeds it in the files it writes).
+    - ``parameters()``: the trainable tensors (``requires_grad``, kept in float32), or parameter-group
+      dicts ``{"params": [...], "lr_scale": 0.5, "weight_decay": 0.0}``. The scheduled rate times
+      ``lr_scale`` is written into each group at every step (APT's negative-embedding multiplier then
+      survives schedule stages, unlike in DreamArtist).
+    - ``loss(batch, step) -> Tensor``: scalar mean loss of one micro-batch, computed through the model
+      adapter (see ``diffusion_loss.denoising_loss``). Draw randomness from ``batch.generator`` (torch)
+      so resumes repeat; global-RNG use (dropout) is also restored on resume. Runs under autocast on CUDA.
+      TI: encode ``batch.prompts`` with the embedding spliced in, then ``denoising_loss``. Hypernetwork:
+      the attention patch is applied before :func:`train` and removed after. APT: one UNet call on the
+      doubled batch, CFG inside the loss, optional VAE-decoded reconstruction (``predicted_x0``).
+    - ``state_dict() / load_state_dict(state)``: the trainable state (tensors, plain values) for resume.
+      ``load_state_dict`` must copy into the tensors ``parameters()`` returned (``p.data.copy_``), not
+      replace them: the optimizer already holds those.
+    - ``output_path(log_dir, step) -> Path``: where the file of a snapshot at `step` goes (e.g.
+      ``log_dir/"embeddings"/f"{name}-{step}.pt"``); ``step=None`` is the final file (e.g. the
+      embeddings folder).
+    - ``save(path, step, optimizer_state=None)``: write the trained file to `path` atomically.
+      `optimizer_state` is given when the user asked to save it: store it where the host format keeps it
+      (the WebUI's ``.optim`` side file).
+    - ``preview(step, directory) -> Path | None``: render a preview image into `directory` (called under
+      ``torch.no_grad()``; global RNG states are restored afterwards, so previews never change training).
+
+    Optional
+    - ``device``: where the loss is computed (default CPU); enables autocast when CUDA.
+    - ``create_optimizer(param_groups, lr) -> Optimizer``: e.g. 8-bit AdamW for DreamBooth when
+      bitsandbytes imports (else return AdamW and say so). Default: ``torch.optim.AdamW``.
+    - ``after_step(step)``: called after each optimizer step (EMA of embeddings, restoring frozen rows).
+    - ``loss_csv_name``: file name of the loss CSV (default ``"loss.csv"``; the WebUI uses
+      ``textual_inversion_loss.csv`` / ``hypernetwork_loss.csv``).
+    Set-up that changes the model (gradient checkpointing, patches, freezing) belongs to whoever builds
+    the method, undone in a ``finally`` after :func:`train`.
+    """
+
+    name: str
+    data: BatchSource
+    provenance: Provenance
+
+    def parameters(self) -> Sequence[torch.Tensor] | Sequence[dict]: ...
+    def loss(self, batch: Batch, step: int) -> torch.Tensor: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def output_path(self, log_dir: Path, step: int | None) -> Path: ...
+    def save(self, path: Path, step: int, optimizer_state: dict | None = None) -> None: ...
+    def preview(self, step: int, directory: Path) -> Path | None: ...
+
+
+@dataclass
+class Progress:
+    """Reported to callbacks after every optimizer step (and once at start and end)."""
+
+    step: int
+    """Optimizer steps done."""
+    max_steps: int
+    """Where this run will stop (max steps, or the end of the learning-rate schedule if earlier)."""
+    epoch: int
+    epoch_step: int
+    loss: float | None
+    """Mean loss of the last step's micro-batches (None before the first step)."""
+    lr: float
+    it_per_s: float
+    """Optimizer steps per second over the last few steps."""
+    eta_s: float | None
+    memory_bytes: int
+    memory_kind: str
+    """"cuda peak allocated" or "peak RSS"."""
+    skipped_nonfinite: int = 0
+    last_prompt: str = ""
+    saved: Path | None = None
+    """Set on the step a file was saved."""
+    preview: Path | None = None
+    """Set on the step a preview was written."""
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    log_dir: Path
+    final_path: Path | None
+    resume_path: Path | None
+    cancelled: bool = False
+    interrupted: bool = False
+    """Stopped by Ctrl-C (the CLI exits with 130)."""
+    skipped_nonfinite: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- small pieces -----------------------------------------------------------------------------------
+
+def _param_groups(method) -> list[dict]:
+    raw = list(method.parameters())
+    groups = [dict(g) if isinstance(g, dict) else {"params": [g]} for g in raw] if raw and isinstance(raw[0], dict) \
+        else [{"params": raw}]
+    for g in groups:
+        g["params"] = list(g["params"])
+        g.setdefault("lr_scale", 1.0)
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ValueError(f"training method {method.name!r} returned no parameter that requires grad")
+    return groups
+
+
+def _precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain float32 (always on CPU)."""
+    if device.type != "cuda" or choice == "no":
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+def _grad_scaler():
+    amp = getattr(torch, "amp", None)
+    if amp is not None and hasattr(amp, "GradScaler"):  # torch >= 2.3
+        return amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()  # torch 2.1/2.2
+
+
+def _memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda peak allocated"
+    try:
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS"
+    except (ImportError, AttributeError):  # Windows
+        return 0, "unknown"
+
+
+def _total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    if not norms:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+@contextlib.contextmanager
+def _ctrl_c_requests_stop(flag: threading.Event):
+    """In the main thread, the first Ctrl-C asks the loop to stop at the next step boundary (so the saved
+    state is consistent); a second one interrupts immediately."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag.is_set():
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+            raise KeyboardInterrupt
+        flag.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+class _Speed:
+    def __init__(self, window: int = 20):
+        self.marks: deque[tuple[float, int]] = deque(maxlen=window)
+
+    def mark(self, step: int) -> float:
+        self.marks.append((time.perf_counter(), step))
+        if len(self.marks) < 2:
+            return 0.0
+        (t0, s0), (t1, s1) = self.marks[0], self.marks[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None] | Sequence[Callable] = (),
+          cancel: Any = None) -> TrainResult:
+    """Train `method` with `options` (a :class:`~extensions_lib.train.options.TrainingOptions`).
+
+    callbacks: called with a :class:`Progress` after each step. cancel: anything with ``is_set()``
+    (``threading.Event``); when set, the loop stops at the next step boundary, saves the trained file and
+    the resume state and returns with ``cancelled=True``. Ctrl-C does the same (``interrupted=True``).
+    ``options.resume`` continues a stopped run exactly.
+    """
+    if options.seed < 0:
+        raise ValueError("resolve the seed first (extensions_lib.train.options.resolve_seed)")
+    callbacks = [callbacks] if callable(callbacks) else list(callbacks)
+    device = torch.device(getattr(method, "device", "cpu"))
+    data: BatchSource = method.data
+    schedule = parse_schedule(options.learn_rate, options.steps, option="learn_rate")
+    clip: Schedule | None = None
+    if options.clip_grad_mode != "disabled":
+        if options.clip_grad_mode not in ("value", "norm"):
+            raise AlchemyError(f"option clip_grad_mode must be disabled, value or norm, got {options.clip_grad_mode!r}")
+        clip = parse_schedule(options.clip_grad_value, options.steps, option="clip_grad_value")
+    autocast_dtype = _precision(options.mixed_precision, device)
+    scaler = _grad_scaler() if autocast_dtype == torch.float16 else None
+
+    groups = _param_groups(method)
+    params = [p for g in groups for p in g["params"]]
+    first_lr = schedule.entries[0][0]
+    for g in groups:
+        g["lr"] = first_lr * g["lr_scale"]
+    make = getattr(method, "create_optimizer", None)
+    optimizer = make(groups, first_lr) if make is not None else torch.optim.AdamW(groups, lr=first_lr)
+
+    run = RunCounters()
+    rngs = LoopRngs(options.seed)
+    warnings: list[str] = []
+    if options.resume:
+        state_path = find_resume_state(options.resume)
+        log_dir = state_path.parent
+        warnings += restore(load_resume_state(state_path), state_path, method, options, optimizer, scaler, rngs,
+                             run)
+    else:
+        log_dir = log_dir_for(options.log_directory, method.name)
+        rngs.seed_globals(options.seed)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    initial_step = run.step
+    csv_path = log_dir / getattr(method, "loss_csv_name", "loss.csv")
+    if options.resume:
+        trim_csv(csv_path, run.step)
+    if options.save_training_settings:
+        write_settings(log_dir, method, options, initial_step)
+
+    stop_at = min(options.steps, schedule.end_step)
+    speed = _Speed()
+    state_path = log_dir / STATE_FILE
+
+    def report(loss=None, lr=0.0, saved=None, preview=None, message=""):
+        if not callbacks:
+            return
+        spe = max(1, data.steps_per_epoch)
+        rate = speed.mark(run.step)
+        mem, kind = _memory(device)
+        p = Progress(step=run.step, max_steps=stop_at, epoch=max(run.drawn - 1, 0) // spe,
+                     epoch_step=max(run.drawn - 1, 0) % spe, loss=loss, lr=lr, it_per_s=rate,
+                     eta_s=(stop_at - run.step) / rate if rate > 0 else None, memory_bytes=mem, memory_kind=kind,
+                     skipped_nonfinite=run.skipped, last_prompt=run.last_prompt, saved=saved, preview=preview,
+                     message=message)
+        for cb in callbacks:
+            cb(p)
+
+    def save_resume() -> Path | None:
+        if not options.save_resume_state:
+            return None
+        save_state(state_path, method, options, optimizer, scaler, rngs, run)
+        return state_path
+
+    def save_file(step: int | None) -> Path:
+        path = method.output_path(log_dir, step)
+        method.save(path, run.step, optimizer.state_dict() if options.save_optimizer_state else None)
+        return path
+
+    stop = threading.Event()
+    report(lr=schedule.value_or_last(run.step), message="; ".join(([f"resumed at step {run.step}"] if options.resume else []) + warnings))
+    plan_epoch, plan = -1, []
+    optimizer.zero_grad(set_to_none=True)
+    with _ctrl_c_requests_stop(stop):
+        while run.step < stop_at:
+            if stop.is_set() or (cancel is not None and cancel.is_set()):
+                break
+            spe = data.steps_per_epoch
+            epoch, position = divmod(run.drawn, spe)
+            if epoch != plan_epoch:
+                plan_epoch, plan = epoch, data.epoch(epoch)
+            lr = schedule.value_at(run.step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            micro = plan[position]
+            step_loss, finite = 0.0, True
+            for key in micro:
+                batch = data.make_batch(key, rngs.python, rngs.torch)
+                run.last_prompt = batch.prompts[0] if batch.prompts else ""
+                with (torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype
+                      else contextlib.nullcontext()):
+                    loss = method.loss(batch, run.step)
+                value = float(loss.detach().float().item())
+                if not math.isfinite(value):
+                    finite = False
+                    break
+                step_loss += value / len(micro)
+                scaled = loss / len(micro)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            run.drawn += 1
+            if finite and scaler is not None:
+                scaler.unscale_(optimizer)  # inf gradients here are the scaler's business: it skips the step
+            elif finite:
+                norm = _total_grad_norm(params)
+                finite = bool(torch.isfinite(norm))
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                run.streak += 1
+                run.skipped += 1
+                if run.streak >= options.max_nonfinite_steps:
+                    saved = save_resume()
+                    raise AlchemyError(
+                        f"the loss or its gradient was NaN/inf for {run.streak} steps in a row (at step {run.step})",
+                        log_dir,
+                        fix="lower the learning rate, train in full precision (mixed precision 'no'), turn off "
+                            "xformers/cross-attention optimizations" +
+                            (f"; the last good state is in {saved}, resume from it" if saved else ""))
+                report(lr=lr, message=f"skipped step {run.step + 1}: loss or gradient not finite")
+                continue
+            if clip is not None:
+                threshold = clip.value_or_last(run.step)
+                if options.clip_grad_mode == "value":
+                    torch.nn.utils.clip_grad_value_(params, threshold)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, threshold)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            run.streak = 0
+            after = getattr(method, "after_step", None)
+            if after is not None:
+                after(run.step)
+            run.losses.append((run.step, step_loss))
+            if options.write_csv_every and run.step % options.write_csv_every == 0:
+                append_csv(csv_path, [run.step, (run.drawn - 1) // spe, (run.drawn - 1) % spe,
+                                       f"{step_loss:.7f}", lr])
+            saved = preview = None
+            message = ""
+            if options.save_every and run.step % options.save_every == 0 and run.step < stop_at:
+                saved = save_file(run.step)
+                save_resume()
+                if not plot_losses(run.losses, log_dir / "loss.png", method.name):
+                    message = "loss plot skipped: matplotlib is not installed"
+            if options.create_image_every and run.step % options.create_image_every == 0:
+                with torch.no_grad(), global_rng_preserved():
+                    preview = method.preview(run.step, log_dir / "images")
+            report(loss=step_loss, lr=lr, saved=saved, preview=preview, message=message)
+
+    cancelled = run.step < stop_at
+    if cancelled:
+        final_path, last_saved = None, save_file(run.step)
+    else:
+        final_path = last_saved = save_file(None)
+        if options.save_every and run.step % options.save_every == 0 and run.step > initial_step:
+            save_file(run.step)  # the last periodic copy too, as the WebUI writes both
+    resume_path = save_resume()
+    plot_losses(run.losses, log_dir / "loss.png", method.name)
+    last_lr = schedule.value_or_last(max(run.step - 1, 0))
+    report(loss=run.losses[-1][1] if run.losses else None, lr=last_lr, saved=last_saved,
+           message=f"stopped at step {run.step}" if cancelled else "finished")
+    return TrainResult(step=run.step, log_dir=log_dir, final_path=final_path, resume_path=resume_path,
+                       cancelled=cancelled, interrupted=cancelled and stop.is_set(), skipped_nonfinite=run.skipped,
+                       losses=run.losses, warnings=warnings)
+
+

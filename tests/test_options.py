@@ -1,0 +1,93 @@
+"""One declaration renders to CLI flags, saved JSON and gradio components that agree with each other."""
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from extensions_lib.errors import AlchemyError
+from extensions_lib.options import (add_cli_arguments, from_cli, from_dict, from_ui_values, gradio_components,
+                                    option, specs, to_dict)
+
+
+class Mode(enum.Enum):
+    ONCE = "once"
+    RANDOM = "random"
+
+
+
+
+@dataclass
+class Opts:
+    learn_rate: str = option("0.005", help="schedule")
+    steps: int = option(100, help="max steps", minimum=1)
+    scale: float = option(1.0, help="strength", minimum=0.0, maximum=2.0)
+    shuffle: bool = option(False, help="shuffle tags")
+    mode: Mode = option(Mode.ONCE, help="latent sampling")
+    tags: list[str] = option([], help="always-first tags", multiple=True)
+    hidden: str = option("x", help="not in UI", ui=False)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser, Opts)
+    return from_cli(Opts, parser.parse_args(argv))
+
+
+def test_cli_defaults_equal_dataclass_defaults():
+    assert parse([]) == Opts()
+
+
+def test_cli_values_are_typed_and_validated():
+    o = parse(["--steps", "7", "--scale", "1.5", "--shuffle", "--mode", "random", "--tags", "a", "--tags", "b"])
+    assert (o.steps, o.scale, o.shuffle, o.mode, o.tags) == (7, 1.5, True, Mode.RANDOM, ["a", "b"])
+    with pytest.raises(AlchemyError, match="steps"):
+        parse(["--steps", "0"])
+    with pytest.raises(AlchemyError, match="scale"):
+        parse(["--scale", "3"])
+    with pytest.raises(AlchemyError, match="mode"):
+        parse(["--mode", "sometimes"])
+    with pytest.raises(AlchemyError, match="steps"):
+        parse(["--steps", "ten"])
+
+
+def test_json_round_trip_is_exact():
+    o = Opts(steps=3, scale=0.25, shuffle=True, mode=Mode.RANDOM, tags=["x", "y"])
+    text = json.dumps(to_dict(o))
+    assert from_dict(Opts, json.loads(text)) == o
+
+
+def test_cli_overrides_saved_settings_only_where_given():
+    saved = Opts(steps=3, shuffle=True)
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser, Opts)
+    o = from_cli(Opts, parser.parse_args(["--scale", "0.5"]), base=saved)
+    assert (o.steps, o.shuffle, o.scale) == (3, True, 0.5)
+
+
+def test_unknown_keys_tolerated_unless_strict():
+    assert from_dict(Opts, {"steps": 2, "future_option": 1}).steps == 2
+    with pytest.raises(AlchemyError, match="future_option"):
+        from_dict(Opts, {"future_option": 1}, strict=True)
+
+
+def test_specs_pick_widgets():
+    widgets = {s.name: s.widget for s in specs(Opts)}
+    assert widgets == {"learn_rate": "textbox", "steps": "number", "scale": "slider", "shuffle": "checkbox",
+                       "mode": "dropdown", "tags": "textbox", "hidden": "textbox"}
+
+
+@pytest.mark.needs_gradio
+def test_gradio_components_round_trip():
+    gr = pytest.importorskip("gradio")
+    with gr.Blocks(analytics_enabled=False):
+        comps = gradio_components(Opts, Opts(steps=9))
+    assert "hidden" not in comps
+    assert comps["steps"].value == 9
+    assert comps["mode"].choices in (["once", "random"], [("once", "once"), ("random", "random")])
+    names = list(comps)
+    values = [c.value for c in comps.values()]
+    assert from_ui_values(Opts, names, values) == Opts(steps=9)
