@@ -339,3 +339,23 @@ def test_registered_in_the_alchemy_cli(src, tmp_path, capsys):
     assert listing(tmp_path / "o") == ["00000-0-square.png", "00001-0-tall.png", "00002-0-wide.png"]
     assert main(["preprocess", str(src), str(src)]) == 1
     assert "same folder" in capsys.readouterr().err
+
+
+def test_focal_crop_applies_whenever_the_aspect_differs(tmp_path):
+    from extensions_lib.preprocess.run import derive_images
+
+    arr = np.full((128, 128, 3), 128, np.uint8)
+    arr[4:36, 40:72] = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # object near the top
+    img = Image.fromarray(arr)
+    out = derive_images(img, opts(width=128, height=64, focal_crop=True)).images
+    assert len(out) == 1 and out[0].size == (128, 64)
+    ys, xs = np.nonzero((np.asarray(out[0]) != 128).any(axis=2))
+    assert ys.max() - ys.min() + 1 == 32 and xs.max() - xs.min() + 1 == 32   # whole object kept
+    centre = derive_images(img, opts(width=128, height=64)).images[0]       # the plain centre crop cuts it
+    assert ((np.asarray(centre) != 128).any(axis=2)).sum() < 32 * 32
+
+
+def test_out_of_range_options_built_in_code_are_rejected(tmp_path, src):
+    with pytest.raises(AlchemyError, match="width"):
+        preprocess_directory(src, tmp_path / "o", opts(width=32))
+    assert not (tmp_path / "o").exists()

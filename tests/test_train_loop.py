@@ -188,7 +188,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_saves(tmp_path):
     method = LinearMethod(ToyData())
 
     def press_ctrl_c(p):
-        if p.step == 3:
+        if p.step == 3 and p.loss is not None and not p.message:
             signal.raise_signal(signal.SIGINT)
 
     handler = signal.getsignal(signal.SIGINT)
@@ -286,3 +286,13 @@ def test_progress_reports_speed_eta_and_memory(tmp_path):
     assert all(p.max_steps == 6 and p.lr == 0.05 and p.memory_bytes > 0 for p in steps)
     assert steps[-1].it_per_s > 0 and steps[-2].eta_s is not None and steps[-1].eta_s == 0
     assert seen[-1].message == "finished"
+
+
+def test_previews_do_not_change_training(tmp_path):
+    folder = make_folder(tmp_path / "data", 4)
+    with_previews = _cond_method(_cond_run(tmp_path / "a", folder, steps=6))
+    train(with_previews, _cond_run(tmp_path / "a", folder, steps=6, create_image_every=1))
+    without = _cond_method(_cond_run(tmp_path / "b", folder, steps=6))
+    train(without, _cond_run(tmp_path / "b", folder, steps=6, create_image_every=0))
+    assert with_previews.previews == [1, 2, 3, 4, 5, 6] and without.previews == []
+    assert torch.equal(with_previews.vec, without.vec)

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from ..errors import AlchemyError
-from ..options import option
+from ..options import from_dict, option, to_dict
 
 
 class CaptionAction(enum.Enum):
@@ -84,7 +84,9 @@ class PreprocessOptions:
 
 
 def validate(options: PreprocessOptions) -> PreprocessOptions:
-    """Reject option combinations no single bound can catch; returns `options` unchanged."""
+    """Check every bound and choice (also for options built in code) and the pairs no single bound
+    catches; returns `options` unchanged."""
+    from_dict(PreprocessOptions, to_dict(options), source="preprocess options")
     if options.autosize_min_dim > options.autosize_max_dim:
         raise AlchemyError(f"autosize_min_dim {options.autosize_min_dim} is larger than autosize_max_dim "
                            f"{options.autosize_max_dim}", fix="swap them or lower --autosize-min-dim")

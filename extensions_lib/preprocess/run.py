@@ -74,7 +74,9 @@ def derive_images(img: Image.Image, options: PreprocessOptions,
     if options.split and split.should_split(img.width, img.height, w, h, options.split_threshold):
         out.images += split.split_image(img, w, h, options.overlap_ratio)
         emitted = True
-    if options.focal_crop and img.width != img.height:
+    # The WebUI focal-cropped non-square images only (its targets were square); what matters is
+    # whether the aspect ratios differ, otherwise the "crop" is the whole image.
+    if options.focal_crop and img.width * h != img.height * w:
         weights = focal.FocalWeights(options.focal_face_weight, options.focal_entropy_weight,
                                      options.focal_edges_weight)
         result = focal.focal_crop(img, w, h, weights, face_detector=face_detector)

@@ -375,18 +375,19 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
                     preview = method.preview(run.step, log_dir / "images")
             report(loss=step_loss, lr=lr, saved=saved, preview=preview, message=message)
 
-    cancelled = run.step < stop_at
-    if cancelled:
-        final_path, last_saved = None, save_file(run.step)
-    else:
-        final_path = last_saved = save_file(None)
-        if options.save_every and run.step % options.save_every == 0 and run.step > initial_step:
-            save_file(run.step)  # the last periodic copy too, as the WebUI writes both
-    resume_path = save_resume()
-    plot_losses(run.losses, log_dir / "loss.png", method.name)
-    last_lr = schedule.value_or_last(max(run.step - 1, 0))
-    report(loss=run.losses[-1][1] if run.losses else None, lr=last_lr, saved=last_saved,
-           message=f"stopped at step {run.step}" if cancelled else "finished")
+        # Still inside: a first Ctrl-C while saving must not tear the files being written.
+        cancelled = run.step < stop_at
+        if cancelled:
+            final_path, last_saved = None, save_file(run.step)
+        else:
+            final_path = last_saved = save_file(None)
+            if options.save_every and run.step % options.save_every == 0 and run.step > initial_step:
+                save_file(run.step)  # the last periodic copy too, as the WebUI writes both
+        resume_path = save_resume()
+        plot_losses(run.losses, log_dir / "loss.png", method.name)
+        last_lr = schedule.value_or_last(max(run.step - 1, 0))
+        report(loss=run.losses[-1][1] if run.losses else None, lr=last_lr, saved=last_saved,
+               message=f"stopped at step {run.step}" if cancelled else "finished")
     return TrainResult(step=run.step, log_dir=log_dir, final_path=final_path, resume_path=resume_path,
                        cancelled=cancelled, interrupted=cancelled and stop.is_set(), skipped_nonfinite=run.skipped,
                        losses=run.losses, warnings=warnings)
