@@ -4,8 +4,10 @@ Writes a full-size SD1.5-layout fp16 ``.safetensors`` with random weights (about
 folder that is deleted afterwards) plus a local diffusers-layout config folder, then in fresh
 subprocesses, alternating, measures:
 
-(a) our peak RSS above the interpreter's (after imports) against the size of the loaded weights
-    (target <= 1.1x);
+(a) our peak RSS above the interpreter's (after imports; the kernel's peak counter is reset there through
+    /proc/self/clear_refs, else ``ru_maxrss`` is used) against the size of the loaded weights
+    (target <= 1.1x); every weight is read once after loading (safetensors tensors may be lazily
+    memory-mapped, which would otherwise hide their cost);
 (b) our load time against ``StableDiffusionPipeline.from_single_file(..., config=<folder>,
     torch_dtype=float16, local_files_only=True)`` (target ours <= 1.2x theirs). Both load fp16 on the CPU.
 
@@ -39,8 +41,7 @@ def _sd1_ldm_shapes() -> dict[str, tuple[tuple[int, ...], str]]:
     import torch
 
     from extensions_lib.backend import keymap
-    from extensions_lib.backend.configs import load_config
-    from extensions_lib.backend.tiny import build_modules
+    from extensions_lib.backend.configs import build_modules, load_config
 
     config = load_config("sd1")
     with torch.device("meta"):
@@ -116,7 +117,25 @@ def write_diffusers_config_folder(folder: Path) -> None:
 
 # --- the measured children -----------------------------------------------------------------------------
 
-def _maxrss_bytes() -> int:
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter here, so import-time peaks do not hide the load's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) from /proc; ru_maxrss when /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # kilobytes on Linux
@@ -134,7 +153,8 @@ def child(which: str, ckpt: str, config_folder: str) -> None:
     from extensions_lib.backend import standalone  # noqa: F401
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    baseline = _maxrss_bytes()
+    exact = _reset_peak_rss()
+    baseline = _rss_bytes("VmRSS" if exact else "VmHWM")
     start = time.perf_counter()
     if which == "ours":
         model = standalone.load_model(ckpt, dtype=torch.float16)
@@ -143,13 +163,19 @@ def child(which: str, ckpt: str, config_folder: str) -> None:
         pipe = StableDiffusionPipeline.from_single_file(ckpt, config=config_folder, torch_dtype=torch.float16,
                                                         local_files_only=True)
         modules = [pipe.unet, pipe.vae, pipe.text_encoder]
+    # Tensors may still be lazily memory-mapped from the file: read every byte so both loaders are
+    # measured with the weights really in memory.
+    with torch.no_grad():
+        for m in modules:
+            for t in m.parameters():
+                t.sum()
     seconds = time.perf_counter() - start
     try:
         import accelerate  # noqa: F401
         has_accelerate = True
     except ImportError:
         has_accelerate = False
-    print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": _maxrss_bytes(),
+    print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": _rss_bytes("VmHWM"),
                       "weights": _weight_bytes(modules), "dtype": str(modules[0].dtype),
                       "accelerate": has_accelerate}))
 

@@ -116,7 +116,7 @@ def tiny_deepdanbooru_state(tags=DD_TAGS, seed: int = 0) -> dict[str, torch.Tens
                 p.copy_(torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5)
         rng = np.random.default_rng(seed)
         x = torch.stack([torch.from_numpy(np.asarray(random_image(rng, 512, 512), dtype=np.float32) / 255)
-                         for _ in range(6)])
+                         for _ in range(4)])
         feats = _pre_head_features(net, x)
         mean = feats.mean(0)
         w = head.weight.flatten(1)

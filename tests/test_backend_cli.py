@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from extensions_lib.backend.configs import load_config
-from extensions_lib.backend.tiny import build_modules, tiny_config
+from extensions_lib.backend.configs import build_modules, load_config
+from extensions_lib.backend.tiny import tiny_config
 from extensions_lib.cli import main
 
 

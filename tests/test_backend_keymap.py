@@ -6,8 +6,8 @@ import torch
 
 from extensions_lib.backend import keymap
 from extensions_lib.backend.checkpoint import open_checkpoint
-from extensions_lib.backend.configs import load_config
-from extensions_lib.backend.tiny import build_modules, tiny_config
+from extensions_lib.backend.configs import build_modules, load_config
+from extensions_lib.backend.tiny import tiny_config
 
 FAMILIES = ["sd1", "sd2", "sd2-v"]
 

@@ -10,9 +10,9 @@ import torch
 
 from extensions_lib.adapter import LatentDistribution, ModelAdapter
 from extensions_lib.backend.checkpoint import open_checkpoint
-from extensions_lib.backend.configs import alphas_cumprod_from_schedule, load_config
+from extensions_lib.backend.configs import alphas_cumprod_from_schedule, build_modules, load_config
 from extensions_lib.backend.standalone import load_model
-from extensions_lib.backend.tiny import build_modules, tiny_config
+from extensions_lib.backend.tiny import tiny_config
 
 FAMILIES = ["sd1", "sd2", "sd2-v"]
 
@@ -115,3 +115,51 @@ def test_latent_distribution_is_scaled(tiny_model):
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(dist.sample(gen), (dist.mean + dist.std * noise) * 0.18215)
+
+
+def test_sd2_text_conditioning_matches_open_clip_tower(tiny_checkpoint, tiny_model):
+    """The converted SD2 text encoder, through the adapter, equals open_clip's own transformer run on the
+    untouched LDM tensors the way ldm's FrozenOpenCLIPEmbedder does (penultimate block, then ln_final)."""
+    from open_clip.transformer import Transformer
+
+    sd = _ldm_state_dict(tiny_checkpoint("sd2"))
+    prefix = "cond_stage_model.model."
+    width = sd[prefix + "token_embedding.weight"].shape[1]
+    tower = Transformer(width, layers=2, heads=2, mlp_ratio=2.0)
+    tower.load_state_dict({k[len(prefix + "transformer."):]: v for k, v in sd.items()
+                           if k.startswith(prefix + "transformer.")}, strict=True)
+    ln_final = torch.nn.LayerNorm(width)
+    ln_final.load_state_dict({"weight": sd[prefix + "ln_final.weight"], "bias": sd[prefix + "ln_final.bias"]})
+
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 49408, (2, 77), generator=gen)
+    with torch.no_grad():
+        x = sd[prefix + "token_embedding.weight"][tokens] + sd[prefix + "positional_embedding"]
+        x = x.permute(1, 0, 2)                       # open_clip 2.20 blocks take (L, N, D)
+        mask = torch.full((77, 77), float("-inf")).triu_(1)
+        for block in tower.resblocks[:-1]:           # layer="penultimate"
+            x = block(x, attn_mask=mask)
+        expected = ln_final(x.permute(1, 0, 2))
+        got = tiny_model("sd2").encode_token_chunks(tokens)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_offload_keeps_results(tiny_checkpoint, tiny_model):
+    model = load_model(tiny_checkpoint("sd1"), offload=True)
+    ref = tiny_model("sd1")
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([7]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(x, t, c), ref.predict(x, t, c), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        with model.use("unet", "refiner"):
+            pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ldm_state_dict_reproduces_the_file(tiny_checkpoint, tiny_model, family):
+    """What a saver (DreamBooth) writes back from a loaded model is the file it came from, bit for bit."""
+    original = _ldm_state_dict(tiny_checkpoint(family))
+    saved = dict(tiny_model(family).ldm_state_dict())
+    assert sorted(saved) == sorted(original)
+    for key, tensor in original.items():
+        assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key

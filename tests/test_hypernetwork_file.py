@@ -324,3 +324,19 @@ def test_file_written_under_host_torch_loads_here_bit_exact(tmp_path):
         for i, module in enumerate(pair):
             for key, value in module.state_dict().items():
                 assert torch.equal(value, tensors[f"{size}.{i}.{key}"])
+
+
+@pytest.mark.parametrize("fname", GENUINE)
+def test_rewritten_genuine_file_has_the_hosts_exact_pickle(tmp_path, webui_files, fname):
+    """Same pickle bytes as the host wrote, module state dicts' `_metadata` included, and same tensor data."""
+    import zipfile
+
+    path = tmp_path / fname
+    write_hypernetwork(read_hypernetwork(webui_files / fname), path)
+    assert check_host_loadable(path) == []
+    assert safe_load(path)[320][0]._metadata == safe_load(webui_files / fname)[320][0]._metadata
+    with zipfile.ZipFile(path) as ours, zipfile.ZipFile(webui_files / fname) as theirs:
+        names = [n for n in theirs.namelist() if not n.endswith("serialization_id")]
+        assert sorted(n for n in ours.namelist() if not n.endswith("serialization_id")) == sorted(names)
+        for name in names:
+            assert ours.read(name) == theirs.read(name), name

@@ -29,7 +29,8 @@ def _image(rng, w, h, mode="RGB"):
     return Image.fromarray(arr, mode)
 
 
-@pytest.mark.parametrize("w,h", [(70, 40), (40, 70), (64, 64), (33, 20), (20, 33), (17, 17), (150, 149)])
+@pytest.mark.parametrize("w,h", [(70, 40), (40, 70), (64, 64), (33, 20), (20, 33), (17, 17), (150, 149), (300, 90),
+                                 (90, 300), (64, 30), (1, 5), (5, 1)])
 def test_wd14_input_matches_reference_rgb(w, h):
     rng = np.random.default_rng(w * 1000 + h)
     image = _image(rng, w, h)

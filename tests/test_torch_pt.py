@@ -4,6 +4,7 @@ and with the host's torch (2.1) in a subprocess."""
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import pickle
@@ -201,3 +202,18 @@ def test_file_written_by_host_torch_passes_rules_here(tmp_path):
     host_check_pt(path)
     out = load_pt(path)
     assert torch.equal(out["string_to_param"]["*"], torch.arange(12, dtype=torch.float32).reshape(2, 6) / 7)
+
+
+def test_state_dict_metadata_is_kept_and_passes_host_rules(tmp_path):
+    """torch attaches `_metadata` (per-submodule versions) to every state dict and the host pickles it;
+    a rebuilt copy that dropped it would read back without it."""
+    state = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)).state_dict()
+    assert state._metadata  # what torch gives us
+    path = save_pt({"sd": state}, tmp_path / "meta.pt")
+    assert check_host_loadable(path) == []
+    host_check_pt(path)
+    out = load_pt(path)["sd"]
+    assert out._metadata == state._metadata
+    assert list(out) == list(state) and all(torch.equal(out[k], state[k]) for k in state)
+    with zipfile.ZipFile(path) as z:  # what the host's own unpickler reads back
+        assert _HostUnpickler(io.BytesIO(z.read("meta/data.pkl"))).load()["sd"]._metadata == state._metadata

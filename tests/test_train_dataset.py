@@ -11,7 +11,7 @@ from PIL import Image
 
 from extensions_lib.errors import AlchemyError
 from extensions_lib.train.batches import TrainingData, plan_epoch, steps_per_epoch
-from extensions_lib.train.dataset import (TEMPLATES_DIR, Template, alpha_weight, caption_from_filename,
+from extensions_lib.train.dataset import (TEMPLATES_DIR, alpha_weight, caption_from_filename,
                                           compile_word_regex, create_text, load_template, scan_folder, target_size)
 from extensions_lib.train.latent_cache import LatentCache
 from train_fakes import FakeAdapter, make_folder, write_image

@@ -296,3 +296,65 @@ def test_previews_do_not_change_training(tmp_path):
     train(without, _cond_run(tmp_path / "b", folder, steps=6, create_image_every=0))
     assert with_previews.previews == [1, 2, 3, 4, 5, 6] and without.previews == []
     assert torch.equal(with_previews.vec, without.vec)
+
+
+def test_cancel_from_another_thread_while_training_in_a_worker(tmp_path):
+    method = LinearMethod(ToyData())
+    cancel, reached, out = threading.Event(), threading.Event(), {}
+
+    def on_step(p):
+        if p.step >= 2:
+            reached.set()
+            cancel.wait(5)  # hold the worker until the "UI" has pressed stop
+
+    worker = threading.Thread(target=lambda: out.setdefault("r", train(method, opts(tmp_path, steps=1000),
+                                                                      callbacks=on_step, cancel=cancel)))
+    worker.start()
+    assert reached.wait(30)
+    cancel.set()
+    worker.join(30)
+    result = out["r"]
+    assert result.cancelled and not result.interrupted and 2 <= result.step < 1000
+    assert load_resume_state(result.log_dir)["step"] == result.step
+
+
+def test_without_matplotlib_the_plot_is_skipped_and_said(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    seen = []
+    result = train(LinearMethod(ToyData()), opts(tmp_path, steps=3), callbacks=seen.append)
+    assert not (result.log_dir / "loss.png").exists()
+    assert "matplotlib is not installed" in seen[-1].message
+
+
+def test_loss_scaler_path(tmp_path, monkeypatch):
+    """The fp16 branch (CUDA in real use) run on the CPU: scaled backward, unscale before clipping, the
+    scaler skipping an infinite-gradient step by itself, and its state in an exact resume."""
+    from extensions_lib.train import loop
+
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler('cpu') needs torch >= 2.3")
+    monkeypatch.setattr(loop, "_precision", lambda choice, device: torch.float16)
+    monkeypatch.setattr(loop, "_grad_scaler", lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    scales = []
+
+    def run(path, steps, cancel_at=None, resume=""):
+        method = LinearMethod(ToyData(dtype=torch.float32), inf_grad_at={3})
+        cancel = threading.Event()
+
+        def on_step(p):
+            if cancel_at is not None and p.step == cancel_at:
+                cancel.set()
+
+        options = opts(path, steps=steps, clip_grad_mode="norm", clip_grad_value="10", resume=resume)
+        return method, train(method, options, callbacks=on_step, cancel=cancel)
+
+    straight, whole = run(tmp_path / "a", 60)
+    assert whole.skipped_nonfinite == 0  # the scaler, not our guard, handles infinite gradients
+    first, last = [sum(v for _, v in part) / 8 for part in (whole.losses[:8], whole.losses[-8:])]
+    assert last < 0.2 * first
+    scales.append(load_resume_state(whole.log_dir)["scaler"]["scale"])
+    assert scales[0] < 2.0 ** 10  # it backed off after the infinite gradient
+    _, stopped = run(tmp_path / "b", 60, cancel_at=12)
+    second, resumed = run(tmp_path / "b", 60, resume=str(stopped.log_dir))
+    assert torch.equal(second.w, straight.w) and resumed.losses == whole.losses

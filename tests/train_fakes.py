@@ -157,18 +157,20 @@ class LinearMethod(MethodBase):
 
     def loss(self, batch, step):
         self.loss_steps.append(step)
+        first_try = self.loss_steps.count(step) == 1
         x, y = batch.latents, batch.weights
         if self.noise:
             y = y + self.noise * torch.randn(y.shape, generator=batch.generator, dtype=y.dtype)
-        pred = x @ self.w.T
+        w = self.w
+        if step in self.inf_grad_at and first_try:
+            w = self.w * 1.0
+            w.register_hook(lambda g: g * float("inf"))  # the loss stays finite, the gradient does not
+        pred = x @ w.T
         if self.dropout:
             pred = torch.nn.functional.dropout(pred, self.dropout)  # global RNG
         loss = ((pred - y) ** 2).mean()
-        first_try = self.loss_steps.count(step) == 1
         if (step in self.nan_at and first_try) or (self.nan_from is not None and step >= self.nan_from):
             return loss * float("nan")
-        if step in self.inf_grad_at and first_try:
-            return loss + torch.sqrt(self.w.sum() - self.w.sum().detach())  # value +0, gradient inf
         return loss
 
     def state_dict(self):

@@ -18,7 +18,6 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -322,8 +321,3 @@ def short_hash(path: str | os.PathLike) -> str:
     """The WebUI's checkpoint short hash: sha256 of the whole file, first 10 hex digits."""
     return sha256_file(path)[:10]
 
-
-def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for every key, handing each tensor over once."""
-    for key in reader.keys():
-        yield key, reader.take(key)

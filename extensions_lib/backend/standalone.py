@@ -19,7 +19,7 @@ from ..adapter import LatentDistribution, TextEncoderInfo
 from ..errors import AlchemyError
 from . import keymap
 from .checkpoint import Detected, detect, open_checkpoint, probe_is_v, short_hash
-from .configs import ModelConfig, alphas_cumprod_from_schedule, load_config
+from .configs import ModelConfig, alphas_cumprod_from_schedule, build_modules, load_config
 
 PARTS = ("unet", "vae", "text_encoder")
 
@@ -32,7 +32,8 @@ class StandaloneModel:
     """
 
     def __init__(self, *, path: Path, config: ModelConfig, parts: dict[str, torch.nn.Module],
-                 alphas_cumprod: torch.Tensor, device: torch.device, offload: bool = False):
+                 alphas_cumprod: torch.Tensor, device: torch.device, offload: bool = False,
+                 extras: dict[str, torch.Tensor] | None = None):
         self.path = Path(path)
         self.config = config
         self.family = config.family
@@ -46,6 +47,9 @@ class StandaloneModel:
         self.unet = parts["unet"]
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
+        self.extras = extras or {}
+        """LDM tensors without a diffusers counterpart (schedule buffers, SD2 text projection; no EMA),
+        kept so :meth:`ldm_state_dict` can write a complete single file."""
         self._hash: str | None = None
         self._tokenizer = None
         embeddings = self.text_encoder.text_model.embeddings
@@ -107,6 +111,14 @@ class StandaloneModel:
 
         return [(name, m) for name, m in self.unet.named_modules() if isinstance(m, Attention)]
 
+    def ldm_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights in LDM (WebUI single-file) layout plus :attr:`extras`, tensor by tensor."""
+        layout = keymap.Layout.from_config(self.config)
+        items = [(name, key, t) for name, module in self.modules().items() for key, t in module.state_dict().items()
+                 if not key.endswith("embeddings.position_ids")]     # recomputed; the file's copy is an extra
+        items += [(keymap.EXTRA, key, t) for key, t in self.extras.items()]
+        return keymap.iter_diffusers_to_ldm(items, layout)
+
     # --- placement -------------------------------------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
@@ -160,8 +172,6 @@ def _compute_dtype(requested: torch.dtype | None, device: torch.device, stored: 
 
 
 def _build_on_meta(config: ModelConfig) -> dict[str, torch.nn.Module]:
-    from .tiny import build_modules
-
     with torch.device("meta"):
         return build_modules(config)
 
@@ -209,12 +219,37 @@ def _check_complete(parts: dict[str, torch.nn.Module], path: Path, layout: keyma
                            "the file is damaged or cut short; " + "download or copy it again")
 
 
+def _stream_weights(reader, parts: dict[str, torch.nn.Module], layout: keymap.Layout, home: torch.device,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Convert and assign the file's tensors one at a time; returns the extras (EMA weights dropped)."""
+    extras = {}
+    for key in reader.keys():
+        pieces = keymap.ldm_to_diffusers(key, layout)
+        if pieces[0].component == keymap.EXTRA:
+            if key.startswith(keymap.UNET_PREFIX):
+                raise AlchemyError(f"unexpected tensor {key}: this UNet has parts SD1/SD2 do not have", reader.path,
+                                   "the standalone backend loads standard SD1.x/SD2.x checkpoints only")
+            if not key.startswith("model_ema."):      # an EMA copy would double the memory
+                extras[key] = reader.take(key)
+            continue
+        if pieces[0].component not in parts:
+            continue
+        tensor = reader.take(key)
+        for piece in pieces:
+            value = keymap.to_diffusers_tensor(tensor, piece)
+            value = value.to(home, dtype) if value.is_floating_point() else value.to(home)
+            _assign(parts[piece.component], piece.key, value.contiguous(), reader.path, key)
+        del tensor
+    return extras
+
+
 @dataclasses.dataclass
 class LoadedParts:
     config: ModelConfig
     detected: Detected
     parts: dict[str, torch.nn.Module]
     alphas_cumprod: torch.Tensor
+    extras: dict[str, torch.Tensor]
 
 
 def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: str | torch.device = "cpu",
@@ -234,27 +269,13 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
         dtype = _compute_dtype(dtype, device, reader.dtype(keymap.UNET_PREFIX + "input_blocks.0.0.weight"))
         parts = {name: module for name, module in _build_on_meta(config).items() if name in names}
         layout = keymap.Layout.from_config(config)
-        alphas_cumprod = None
-        for key in reader.keys():
-            pieces = keymap.ldm_to_diffusers(key, layout)
-            if pieces[0].component == keymap.EXTRA and key.startswith(keymap.UNET_PREFIX):
-                raise AlchemyError(f"unexpected tensor {key}: this UNet has parts SD1/SD2 do not have", path,
-                                   "the standalone backend loads standard SD1.x/SD2.x checkpoints only")
-            if key == "alphas_cumprod":
-                alphas_cumprod = reader.take(key).to(torch.float32)
-            if pieces[0].component not in parts:
-                continue      # EMA copies, schedule buffers, projection heads, parts not asked for
-            tensor = reader.take(key)
-            for piece in pieces:
-                value = keymap.to_diffusers_tensor(tensor, piece)
-                value = value.to(home, dtype) if value.is_floating_point() else value.to(home)
-                _assign(parts[piece.component], piece.key, value.contiguous(), path, key)
-            del tensor
+        extras = _stream_weights(reader, parts, layout, home, dtype)
     if "text_encoder" in parts:
         _materialize_buffers(parts, home)
     _check_complete(parts, path, layout)
     for module in parts.values():
         module.eval()
+    alphas_cumprod = extras.get("alphas_cumprod")
     if alphas_cumprod is None or alphas_cumprod.shape != (int(config.scheduler["num_train_timesteps"]),):
         alphas_cumprod = alphas_cumprod_from_schedule(config.scheduler).to(torch.float32)
     if config_override is None and detected.prediction_type is None and "unet" in parts:
@@ -263,7 +284,7 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
         # sd2 and sd2-v share the module structure, so only the facts change.
         detected = dataclasses.replace(detected, prediction_type="v" if is_v else "eps")
         config = choose_config(detected, path)
-    return LoadedParts(config, detected, parts, alphas_cumprod.cpu())
+    return LoadedParts(config, detected, parts, alphas_cumprod.to("cpu", torch.float32), extras)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -277,4 +298,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     device = torch.device(device)
     loaded = load_parts(path, PARTS, device, dtype, config_override, offload)
     return StandaloneModel(path=Path(path), config=loaded.config, parts=loaded.parts,
-                           alphas_cumprod=loaded.alphas_cumprod, device=device, offload=offload)
+                           alphas_cumprod=loaded.alphas_cumprod, device=device, offload=offload,
+                           extras=loaded.extras)

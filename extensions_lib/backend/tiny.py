@@ -19,7 +19,7 @@ import torch
 
 from ..atomic import atomic_path
 from . import keymap
-from .configs import ModelConfig, alphas_cumprod_from_schedule, load_config
+from .configs import ModelConfig, alphas_cumprod_from_schedule, build_modules, load_config
 
 TINY_PREFIX = "tiny-"
 
@@ -39,22 +39,6 @@ def tiny_config(full: ModelConfig) -> ModelConfig:
     text = dict(full.text_encoder, hidden_size=text_width, intermediate_size=64, num_attention_heads=2,
                 num_hidden_layers=2, projection_dim=text_width)
     return replace(full, name=TINY_PREFIX + full.name, unet=unet, vae=vae, text_encoder=text)
-
-
-def tiny_configs() -> list[ModelConfig]:
-    from .configs import FAMILIES
-
-    return [tiny_config(load_config(f)) for f in FAMILIES]
-
-
-def build_modules(config: ModelConfig) -> dict[str, torch.nn.Module]:
-    """Diffusers/transformers modules of `config` (default init, on the current default device)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return {"unet": UNet2DConditionModel.from_config(config.component("unet")),
-            "vae": AutoencoderKL.from_config(config.component("vae")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**config.component("text_encoder")))}
 
 
 def _is_zero_init(component: str, key: str) -> bool:

@@ -31,8 +31,9 @@ def host_safe(obj: Any, where: str = "obj") -> Any:
     """A copy of `obj` made only of what the host's unpickler allows.
 
     Tensors become plain, detached, compact CPU tensors (a Parameter would be fine, but a slice of a
-    big matrix would otherwise drag the whole matrix into the file). Containers are rebuilt; anything
-    else is a programming error, reported with its position in the structure.
+    big matrix would otherwise drag the whole matrix into the file). Containers are rebuilt, keeping an
+    OrderedDict's ``_metadata`` as torch's state dicts have it; anything else is a programming error,
+    reported with its position in the structure.
     """
     import torch
 
@@ -41,7 +42,13 @@ def host_safe(obj: Any, where: str = "obj") -> Any:
     if isinstance(obj, _PLAIN):
         return obj
     if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, host_safe(v, f"{where}[{k!r}]")) for k, v in obj.items())
+        copy = collections.OrderedDict((k, host_safe(v, f"{where}[{k!r}]")) for k, v in obj.items())
+        # A module's state_dict() carries `_metadata` (per-submodule versions) as an attribute; the host
+        # pickles it with the dict (a BUILD opcode, no extra globals) and load_state_dict reads it back.
+        metadata = getattr(obj, "_metadata", None)
+        if metadata is not None:
+            copy._metadata = host_safe(metadata, f"{where}._metadata")
+        return copy
     if isinstance(obj, dict):
         return {k: host_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

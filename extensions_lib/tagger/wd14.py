@@ -80,6 +80,8 @@ class Wd14Tagger:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_threads:
             opts.intra_op_num_threads = intra_threads
+        # Idle inference threads sleep instead of spinning, leaving the CPU to the decoder threads.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.plan.providers)
         except Exception as exc:

@@ -108,6 +108,7 @@ def denoising_loss(adapter, latents: torch.Tensor, cond: torch.Tensor, *,
     when `min_snr_gamma` > 0.
     """
     ac = adapter.alphas_cumprod
+    latents = latents.to(getattr(adapter, "device", latents.device))  # batches arrive on the CPU
     if timesteps is None:
         timesteps = sample_timesteps(latents.shape[0], generator, num_timesteps=ac.shape[0])
     noise = sample_noise(latents, generator, noise_offset)

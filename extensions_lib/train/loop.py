@@ -32,6 +32,7 @@ from .resume import STATE_FILE, RunCounters, find_resume_state, load_resume_stat
 from .rng import LoopRngs, global_rng_preserved
 from .run_log import append_csv, log_dir_for, plot_losses, trim_csv, write_settings
 
+
 class TrainingMethod(Protocol):
     """What a training method provides. Everything model-specific lives here; nothing about the loop does.
 
@@ -61,13 +62,14 @@ class TrainingMethod(Protocol):
     - ``save(path, step, optimizer_state=None)``: write the trained file to `path` atomically.
       `optimizer_state` is given when the user asked to save it: store it where the host format keeps it
       (the WebUI's ``.optim`` side file).
-    - ``preview(step, directory) -> Path | None``: render a preview image into `directory` (called under
+    - ``preview(step, directory) -> Path | None``: render a preview into `directory` (``<log>/images``; called under
       ``torch.no_grad()``; global RNG states are restored afterwards, so previews never change training).
 
     Optional
     - ``device``: where the loss is computed (default CPU); enables autocast when CUDA.
     - ``create_optimizer(param_groups, lr) -> Optimizer``: e.g. 8-bit AdamW for DreamBooth when
-      bitsandbytes imports (else return AdamW and say so). Default: ``torch.optim.AdamW``.
+      bitsandbytes imports, else AdamW with a message (``optimizers.adamw(groups, lr, eight_bit=True)``).
+      Default: ``torch.optim.AdamW`` (torch's weight decay 0.01 unless a group sets ``weight_decay``).
     - ``after_step(step)``: called after each optimizer step (EMA of embeddings, restoring frozen rows).
     - ``loss_csv_name``: file name of the loss CSV (default ``"loss.csv"``; the WebUI uses
       ``textual_inversion_loss.csv`` / ``hypernetwork_loss.csv``).
@@ -133,11 +135,13 @@ class TrainResult:
 # ---- small pieces -----------------------------------------------------------------------------------
 
 def _param_groups(method) -> list[dict]:
+    """``method.parameters()`` as optimizer parameter groups, each with an ``lr_scale``."""
     raw = list(method.parameters())
-    groups = [dict(g) if isinstance(g, dict) else {"params": [g]} for g in raw] if raw and isinstance(raw[0], dict) \
-        else [{"params": raw}]
+    if raw and isinstance(raw[0], dict):
+        groups = [{**g, "params": list(g["params"])} for g in raw]
+    else:
+        groups = [{"params": raw}]
     for g in groups:
-        g["params"] = list(g["params"])
         g.setdefault("lr_scale", 1.0)
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError(f"training method {method.name!r} returned no parameter that requires grad")
@@ -211,6 +215,70 @@ class _Speed:
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+class _Stepper:
+    """One optimizer step from its micro-batches: autocast, accumulation, the non-finite check, clipping."""
+
+    def __init__(self, method, options, schedule: Schedule, device: torch.device):
+        self.method = method
+        self.device_type = device.type
+        self.autocast_dtype = _precision(options.mixed_precision, device)
+        self.scaler = _grad_scaler() if self.autocast_dtype == torch.float16 else None
+        self.clip_mode = options.clip_grad_mode
+        if self.clip_mode not in ("disabled", "value", "norm"):
+            raise AlchemyError(f"option clip_grad_mode must be disabled, value or norm, got {self.clip_mode!r}")
+        self.clip = None if self.clip_mode == "disabled" else \
+            parse_schedule(options.clip_grad_value, options.steps, option="clip_grad_value")
+        groups = _param_groups(method)
+        self.params = [p for g in groups for p in g["params"]]
+        first_lr = schedule.entries[0][0]
+        for g in groups:
+            g["lr"] = first_lr * g["lr_scale"]
+        make = getattr(method, "create_optimizer", None)
+        self.optimizer = make(groups, first_lr) if make is not None else torch.optim.AdamW(groups, lr=first_lr)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
+
+    def step(self, batches: Iterable[Batch], step: int, lr: float) -> float | None:
+        """Mean loss of the micro-batches after updating the parameters, or None (nothing changed) when the
+        loss or the gradient was not finite."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        batches = list(batches)
+        total = 0.0
+        for batch in batches:
+            with self._autocast():
+                loss = self.method.loss(batch, step)
+            value = loss.detach().float().item()
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            total += value / len(batches)
+            scaled = loss / len(batches)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # inf gradients are the scaler's business: it skips the step
+        elif not torch.isfinite(_total_grad_norm(self.params)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if self.clip is not None:
+            threshold = self.clip.value_or_last(step)
+            if self.clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(self.params, threshold)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, threshold)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None] | Sequence[Callable] = (),
@@ -228,32 +296,18 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
     device = torch.device(getattr(method, "device", "cpu"))
     data: BatchSource = method.data
     schedule = parse_schedule(options.learn_rate, options.steps, option="learn_rate")
-    clip: Schedule | None = None
-    if options.clip_grad_mode != "disabled":
-        if options.clip_grad_mode not in ("value", "norm"):
-            raise AlchemyError(f"option clip_grad_mode must be disabled, value or norm, got {options.clip_grad_mode!r}")
-        clip = parse_schedule(options.clip_grad_value, options.steps, option="clip_grad_value")
-    autocast_dtype = _precision(options.mixed_precision, device)
-    scaler = _grad_scaler() if autocast_dtype == torch.float16 else None
+    stepper = _Stepper(method, options, schedule, device)
+    optimizer = stepper.optimizer
 
-    groups = _param_groups(method)
-    params = [p for g in groups for p in g["params"]]
-    first_lr = schedule.entries[0][0]
-    for g in groups:
-        g["lr"] = first_lr * g["lr_scale"]
-    make = getattr(method, "create_optimizer", None)
-    optimizer = make(groups, first_lr) if make is not None else torch.optim.AdamW(groups, lr=first_lr)
-
-    run = RunCounters()
-    rngs = LoopRngs(options.seed)
-    warnings: list[str] = []
+    run, rngs, warnings = RunCounters(), LoopRngs(options.seed), []
     if options.resume:
         state_path = find_resume_state(options.resume)
         log_dir = state_path.parent
-        warnings += restore(load_resume_state(state_path), state_path, method, options, optimizer, scaler, rngs,
-                             run)
+        warnings = restore(load_resume_state(state_path), state_path, method, options, optimizer, stepper.scaler,
+                           rngs, run)
     else:
         log_dir = log_dir_for(options.log_directory, method.name)
+        state_path = log_dir / STATE_FILE
         rngs.seed_globals(options.seed)
     log_dir.mkdir(parents=True, exist_ok=True)
     initial_step = run.step
@@ -262,10 +316,8 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
         trim_csv(csv_path, run.step)
     if options.save_training_settings:
         write_settings(log_dir, method, options, initial_step)
-
     stop_at = min(options.steps, schedule.end_step)
     speed = _Speed()
-    state_path = log_dir / STATE_FILE
 
     def report(loss=None, lr=0.0, saved=None, preview=None, message=""):
         if not callbacks:
@@ -284,7 +336,7 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
     def save_resume() -> Path | None:
         if not options.save_resume_state:
             return None
-        save_state(state_path, method, options, optimizer, scaler, rngs, run)
+        save_state(state_path, method, options, optimizer, stepper.scaler, rngs, run)
         return state_path
 
     def save_file(step: int | None) -> Path:
@@ -292,44 +344,26 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
         method.save(path, run.step, optimizer.state_dict() if options.save_optimizer_state else None)
         return path
 
+    def batches(micro_batches):
+        for key in micro_batches:
+            batch = data.make_batch(key, rngs.python, rngs.torch)
+            run.last_prompt = batch.prompts[0] if batch.prompts else ""
+            yield batch
+
     stop = threading.Event()
-    report(lr=schedule.value_or_last(run.step), message="; ".join(([f"resumed at step {run.step}"] if options.resume else []) + warnings))
+    resumed = [f"resumed at step {run.step}"] if options.resume else []
+    report(lr=schedule.value_or_last(run.step), message="; ".join(resumed + warnings))
     plan_epoch, plan = -1, []
-    optimizer.zero_grad(set_to_none=True)
     with _ctrl_c_requests_stop(stop):
-        while run.step < stop_at:
-            if stop.is_set() or (cancel is not None and cancel.is_set()):
-                break
+        while run.step < stop_at and not stop.is_set() and not (cancel is not None and cancel.is_set()):
             spe = data.steps_per_epoch
             epoch, position = divmod(run.drawn, spe)
             if epoch != plan_epoch:
                 plan_epoch, plan = epoch, data.epoch(epoch)
             lr = schedule.value_at(run.step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            micro = plan[position]
-            step_loss, finite = 0.0, True
-            for key in micro:
-                batch = data.make_batch(key, rngs.python, rngs.torch)
-                run.last_prompt = batch.prompts[0] if batch.prompts else ""
-                with (torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype
-                      else contextlib.nullcontext()):
-                    loss = method.loss(batch, run.step)
-                value = float(loss.detach().float().item())
-                if not math.isfinite(value):
-                    finite = False
-                    break
-                step_loss += value / len(micro)
-                scaled = loss / len(micro)
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            step_loss = stepper.step(batches(plan[position]), run.step, lr)
             run.drawn += 1
-            if finite and scaler is not None:
-                scaler.unscale_(optimizer)  # inf gradients here are the scaler's business: it skips the step
-            elif finite:
-                norm = _total_grad_norm(params)
-                finite = bool(torch.isfinite(norm))
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
+            if step_loss is None:
                 run.streak += 1
                 run.skipped += 1
                 if run.streak >= options.max_nonfinite_steps:
@@ -342,18 +376,6 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
                             (f"; the last good state is in {saved}, resume from it" if saved else ""))
                 report(lr=lr, message=f"skipped step {run.step + 1}: loss or gradient not finite")
                 continue
-            if clip is not None:
-                threshold = clip.value_or_last(run.step)
-                if options.clip_grad_mode == "value":
-                    torch.nn.utils.clip_grad_value_(params, threshold)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, threshold)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             run.step += 1
             run.streak = 0
             after = getattr(method, "after_step", None)
@@ -362,7 +384,7 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
             run.losses.append((run.step, step_loss))
             if options.write_csv_every and run.step % options.write_csv_every == 0:
                 append_csv(csv_path, [run.step, (run.drawn - 1) // spe, (run.drawn - 1) % spe,
-                                       f"{step_loss:.7f}", lr])
+                                      f"{step_loss:.7f}", lr])
             saved = preview = None
             message = ""
             if options.save_every and run.step % options.save_every == 0 and run.step < stop_at:
@@ -384,12 +406,10 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
             if options.save_every and run.step % options.save_every == 0 and run.step > initial_step:
                 save_file(run.step)  # the last periodic copy too, as the WebUI writes both
         resume_path = save_resume()
-        plot_losses(run.losses, log_dir / "loss.png", method.name)
-        last_lr = schedule.value_or_last(max(run.step - 1, 0))
-        report(loss=run.losses[-1][1] if run.losses else None, lr=last_lr, saved=last_saved,
-               message=f"stopped at step {run.step}" if cancelled else "finished")
+        plotted = plot_losses(run.losses, log_dir / "loss.png", method.name)
+        report(loss=run.losses[-1][1] if run.losses else None, lr=schedule.value_or_last(max(run.step - 1, 0)),
+               saved=last_saved, message=(f"stopped at step {run.step}" if cancelled else "finished") +
+               ("" if plotted else "; loss plot skipped: matplotlib is not installed"))
     return TrainResult(step=run.step, log_dir=log_dir, final_path=final_path, resume_path=resume_path,
                        cancelled=cancelled, interrupted=cancelled and stop.is_set(), skipped_nonfinite=run.skipped,
                        losses=run.losses, warnings=warnings)
-
-

@@ -64,3 +64,14 @@ def alphas_cumprod_from_schedule(scheduler: dict) -> "torch.Tensor":
     steps = int(scheduler["num_train_timesteps"])
     betas = torch.linspace(scheduler["beta_start"] ** 0.5, scheduler["beta_end"] ** 0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def build_modules(config: ModelConfig) -> dict:
+    """{"unet", "vae", "text_encoder"}: diffusers/transformers modules of `config`, default-initialised on
+    the current default device (build under ``torch.device("meta")`` to get them for free)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return {"unet": UNet2DConditionModel.from_config(config.component("unet")),
+            "vae": AutoencoderKL.from_config(config.component("vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**config.component("text_encoder")))}

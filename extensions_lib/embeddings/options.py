@@ -1,0 +1,63 @@
+"""Textual-inversion options, declared once: the WebUI's "Create embedding" tab, and its Train tab for
+embeddings on top of the trainer core's shared options (with the Training settings that apply).
+
+Names follow the keys of the WebUI's saved training-settings JSON where it has them (embedding_name,
+save_image_with_stored_embedding, preview_*), so its files load with ``options.from_dict``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..options import option
+from ..prompt import CHUNK_LENGTH
+from ..sampling.samplers import SAMPLERS
+from ..train.options import TrainingOptions
+
+_EMB, _PREVIEW = "Embedding", "Previews"
+
+
+@dataclass
+class CreateEmbeddingOptions:
+    name: str = option("", help="name of the new embedding: the word prompts use, and its file name")
+    init_text: str = option("*", label="Initialization text",
+                            help="the vectors start as this text's token embeddings (empty = zeros)")
+    num_vectors_per_token: int = option(1, label="Number of vectors per token", cli="--vectors",
+                                        minimum=1, maximum=CHUNK_LENGTH, step=1,
+                                        help="how many token slots the embedding fills in a prompt")
+    overwrite: bool = option(False, label="Overwrite Old Embedding",
+                             help="replace an existing embedding file of that name")
+
+
+@dataclass
+class EmbeddingTrainOptions(TrainingOptions):
+    # The WebUI's default template for embeddings (the core's default is subject_filewords).
+    template_file: str = option("style_filewords", label="Prompt template", group="Dataset",
+                                help="prompt template file (one prompt per line, [name] and [filewords] are filled "
+                                     "in), or a shipped one: style, style_filewords, subject, subject_filewords")
+
+    embedding_name: str = option("", label="Embedding", group=_EMB,
+                                 help="the embedding to train, by name (a file in the embeddings folder)")
+    embeddings_dir: str = option("embeddings", group=_EMB, ui=False,
+                                 help="embeddings folder: the embedding is read from it and the trained one "
+                                      "written back to its file")
+    clip_skip: int = option(1, minimum=1, maximum=12, step=1, group=_EMB,
+                            help="use the text encoder's N-th layer from the end while training (the WebUI's "
+                                 "Clip skip setting; 1 = last)")
+    save_image_with_stored_embedding: bool = option(True, label="Save images with embedding in PNG chunks",
+                                                    group=_EMB,
+                                                    help="with each preview, also write the embedding inside a PNG "
+                                                         "(<log>/image_embeddings), loadable from the embeddings folder")
+
+    preview_from_txt2img: bool = option(False, group=_PREVIEW,
+                                        label="Read parameters (prompt, etc...) from txt2img tab when making previews",
+                                        help="use the preview settings below instead of the last training prompt, "
+                                             "20 steps and the training size")
+    preview_prompt: str = option("", group=_PREVIEW, widget="textarea", help="preview prompt")
+    preview_negative_prompt: str = option("", group=_PREVIEW, help="preview negative prompt")
+    preview_steps: int = option(20, minimum=1, maximum=150, step=1, group=_PREVIEW, help="preview sampling steps")
+    preview_sampler: str = option("euler", choices=list(SAMPLERS), group=_PREVIEW, help="preview sampler")
+    preview_cfg_scale: float = option(7.0, minimum=1.0, maximum=30.0, step=0.5, group=_PREVIEW,
+                                      help="preview CFG scale")
+    preview_seed: int = option(-1, group=_PREVIEW, help="preview seed (-1 = the run's seed, so previews compare)")
+    preview_width: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview width")
+    preview_height: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview height")

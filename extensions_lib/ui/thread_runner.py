@@ -1,0 +1,81 @@
+"""The standalone :class:`~extensions_lib.ui.progress.JobRunner`: one job at a time on a background thread.
+
+Used by ``alchemy ui`` (and by tests). Inside the WebUI the glue provides a runner over the host's GPU
+queue instead, with the same interface.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import Any, Callable
+
+from ..errors import AlchemyError, Cancelled
+from .progress import JobContext, JobProgress, ProgressBoard
+
+log = logging.getLogger(__name__)
+
+
+def describe_error(exc: BaseException) -> str:
+    """What the user reads when a job fails: an AlchemyError verbatim, anything else with its type."""
+    if isinstance(exc, AlchemyError):
+        return exc.message
+    return f"unexpected error: {type(exc).__name__}: {exc} (details in the console log)"
+
+
+class ThreadJobRunner:
+    """Runs ``job_fn(options, job)`` on a daemon thread; refuses a second job while one runs."""
+
+    def __init__(self):
+        self.board = ProgressBoard()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._done: dict[str, threading.Event] = {}
+
+    def start(self, job_fn: Callable[[Any, JobContext], Any], options: Any, *, title: str, panel: str = "") -> str:
+        with self._lock:
+            current = self.board.snapshot()
+            if current.active:
+                raise AlchemyError(f"another job is running: {current.title} ({current.step}/{current.total or '?'})",
+                                   fix="wait for it to finish or press Interrupt, then start again")
+            job_id = f"job-{next(self._ids)}"
+            self._cancel = threading.Event()
+            done = threading.Event()
+            self._done = {job_id: done}
+            self.board.begin(job_id, title, panel)
+            job = JobContext(self.board, self._cancel)
+            self._thread = threading.Thread(target=self._run, args=(job_fn, options, job, done),
+                                            name=f"alchemy-{job_id}", daemon=True)
+            self._thread.start()
+        return job_id
+
+    def _run(self, job_fn, options, job: JobContext, done: threading.Event) -> None:
+        try:
+            result = job_fn(options, job)
+        except Cancelled:
+            self.board.finish("cancelled", message="stopped before it finished")
+        except BaseException as exc:  # noqa: BLE001 — the thread must always record how the job ended
+            if not isinstance(exc, AlchemyError):
+                log.exception("job %s failed", job.board.snapshot().title)
+            self.board.finish("failed", error=describe_error(exc))
+        else:
+            self.board.finish("cancelled" if job.should_stop() else "done", result=result)
+        finally:
+            done.set()
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobProgress:
+        done = self._done.get(job_id)
+        if done is not None:
+            done.wait(timeout)
+        return self.board.snapshot()
+
+    def progress(self) -> JobProgress:
+        return self.board.snapshot()
+
+    def interrupt(self) -> bool:
+        if not self.board.stopping():
+            return False
+        self._cancel.set()
+        return True

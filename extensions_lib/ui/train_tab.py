@@ -1,0 +1,118 @@
+"""The layout both training sub-tabs share (the WebUI's Train tab, one method each).
+
+Left: what to train (a dropdown of existing files, with refresh), the prompt template (shipped templates
+and the host's, or a path), then every other option of the method's options class under its headings.
+Right: the live progress panel, the outcome, and the files in the output folder. The method-specific
+parts come in a :class:`TrainTabSpec`. Inside the WebUI (``context.preview_params`` set) the preview
+settings are read from its txt2img tab, as the built-in Train tab does, instead of being shown here.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gradio as gr
+
+from ..errors import AlchemyError
+from ..options import specs
+from .context import UIContext
+from .forms import render_options
+from .progress import JobRunner
+from .training_jobs import PREVIEW_FIELDS, with_txt2img_preview
+from .widgets import (error_text, interrupt_button, outcome, progress_panel, refresh_button, run_and_report,
+                      unsupported_note, watch_js)
+
+TEMPLATE_OPTION = "template_file"
+
+
+@dataclass
+class TrainTabSpec:
+    panel: str
+    """Tab key and element-id stem ("train_embedding")."""
+    noun: str
+    """What is trained, for labels ("embedding")."""
+    options_cls: type
+    name_option: str
+    """The option of `options_cls` naming the file to train; rendered as a dropdown of `choices()`."""
+    choices: Callable[[], list[str]]
+    job: Callable[[Any, Any], Any]
+    """``job(TrainRequest, JobContext) -> result``."""
+    files_html: Callable[[], str]
+    """The listing of the output folder."""
+    make_request: Callable[[Any, UIContext], Any]
+
+
+def option_spec(cls, name: str):
+    for spec in specs(cls):
+        if spec.name == name:
+            return spec
+    raise KeyError(f"{cls.__name__} has no option {name!r}")
+
+
+def files_table(rows: list[tuple[str, str, str]], elem_id: str, empty: str) -> str:
+    """An HTML table of (name, details, path); details starting with "skipped" are greyed out."""
+    if not rows:
+        return f'<div class="alchemy-note" id="{elem_id}">{html.escape(empty)}</div>'
+    body = "".join(
+        f'<tr class="{"alchemy-skipped" if details.startswith("skipped") else ""}" data-name="{html.escape(name)}">'
+        f"<td>{html.escape(name)}</td><td>{html.escape(details)}</td><td>{html.escape(path)}</td></tr>"
+        for name, details, path in rows)
+    return (f'<table class="alchemy-files" id="{elem_id}"><thead><tr><th>Name</th><th>Details</th><th>File</th></tr>'
+            f"</thead><tbody>{body}</tbody></table>")
+
+
+def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -> None:
+    """Render one training sub-tab from `spec` into the current gradio Blocks/Tab."""
+    if spec.panel in context.unsupported:
+        unsupported_note(context.unsupported[spec.panel])
+        return
+    prefix = f"alchemy_{spec.panel}"
+    defaults = context.defaults_for(spec.options_cls)
+    name_spec = option_spec(spec.options_cls, spec.name_option)
+    template_spec = option_spec(spec.options_cls, TEMPLATE_OPTION)
+    names = spec.choices()
+    with gr.Row(elem_id=prefix):
+        with gr.Column(scale=3):
+            with gr.Row():
+                current = getattr(defaults, spec.name_option) or (names[0] if names else None)
+                name = gr.Dropdown(choices=names, value=current, allow_custom_value=True, label=name_spec.label,
+                                   info=name_spec.help, elem_id=f"{prefix}_{spec.name_option}")
+                refresh = refresh_button(f"{prefix}_refresh")
+            template = gr.Dropdown(choices=context.template_choices(), value=getattr(defaults, TEMPLATE_OPTION),
+                                   allow_custom_value=True, label=template_spec.label, info=template_spec.help,
+                                   elem_id=f"{prefix}_{TEMPLATE_OPTION}")
+            from_txt2img = list(context.preview_params or [])
+            form = render_options(spec.options_cls, defaults, elem_prefix=prefix,
+                                  skip=(spec.name_option, TEMPLATE_OPTION, *(PREVIEW_FIELDS if from_txt2img else ())),
+                                  open_groups=("", "Dataset", "Run"))
+            with gr.Row():
+                start = gr.Button(f"Train {spec.noun.capitalize()}", variant="primary", elem_id=f"{prefix}_start")
+                interrupt_button(runner, spec.panel)
+        with gr.Column(scale=2):
+            progress_panel(spec.panel)
+            result = gr.Textbox(label="Result", lines=4, interactive=False, elem_id=f"{prefix}_result")
+            files = gr.HTML(spec.files_html(), elem_id=f"{prefix}_files")
+
+    n_options = len(form.inputs)
+
+    def on_train(name_value, template_value, *values):
+        try:
+            options = form.read(values[:n_options], extra={spec.name_option: name_value or "",
+                                                          TEMPLATE_OPTION: template_value or ""})
+            options, note = with_txt2img_preview(options, values[n_options:])
+            request = spec.make_request(options, context)
+        except AlchemyError as exc:
+            return error_text(exc), spec.files_html(), gr.update()
+        p = run_and_report(runner, spec.job, request,
+                           title=f"Training {spec.noun} {getattr(options, spec.name_option)}", panel=spec.panel)
+        text = outcome(p) + (f"\n{note}" if note else "")
+        return text, spec.files_html(), gr.update(choices=spec.choices())
+
+    def on_refresh():
+        return gr.update(choices=spec.choices()), spec.files_html()
+
+    start.click(fn=on_train, inputs=[name, template, *form.inputs, *from_txt2img], outputs=[result, files, name],
+                _js=watch_js(spec.panel))
+    refresh.click(fn=on_refresh, inputs=[], outputs=[name, files])
+

@@ -1,0 +1,75 @@
+"""Stand-in for the parts of ``modules/processing.py`` that scripts see: a txt2img job object and the
+order in which ``process_images`` calls the always-on script hooks around extra networks.
+
+``prepare(p)`` runs everything up to sampling (script ``process``, per batch ``before_process_batch``,
+extra-network parsing and activation, prompt encoding with ``p.c``); ``finish(p)`` runs ``postprocess`` and
+returns the infotext. The sampler is not simulated: tests call ``sd_model.apply_model`` themselves.
+"""
+from __future__ import annotations
+
+from modules import extra_networks, scripts, sd_hijack, shared
+
+
+class StableDiffusionProcessingTxt2Img:
+    def __init__(self, sd_model=None, prompt="", negative_prompt="", seed=-1, steps=20, cfg_scale=7.0,
+                 width=512, height=512, batch_size=1, do_not_save_grid=True, do_not_save_samples=True,
+                 do_not_reload_embeddings=False, **kwargs):
+        self.sd_model = sd_model
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.seed = seed
+        self.steps = steps
+        self.cfg_scale = cfg_scale
+        self.width = width
+        self.height = height
+        self.batch_size = batch_size
+        self.do_not_reload_embeddings = do_not_reload_embeddings
+        self.extra_generation_params = {}
+        self.override_settings = {}
+        self.disable_extra_networks = False
+        self.scripts = []
+        self.script_args = []
+        self.all_prompts = [prompt] * batch_size
+        self.prompts = list(self.all_prompts)
+        self.c = None
+        self.extra_network_data = None
+
+
+def prepare(p):
+    sd_hijack.model_hijack.clear_comments()
+    if not p.do_not_reload_embeddings:
+        sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings()
+    for script in p.scripts:
+        script.process(p, *p.script_args)
+    p.prompts = list(p.all_prompts)
+    for script in p.scripts:
+        script.before_process_batch(p, *p.script_args, batch_number=0, prompts=p.prompts, seeds=[p.seed],
+                                    subseeds=[p.seed])
+    p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
+    if not p.disable_extra_networks:
+        extra_networks.activate(p, p.extra_network_data)
+    p.c = p.sd_model.get_learned_conditioning(p.prompts)
+    p.extra_generation_params.update(sd_hijack.model_hijack.extra_generation_params)
+    return p
+
+
+def finish(p, processed=None):
+    for script in p.scripts:
+        script.postprocess(p, processed, *p.script_args)
+    params = {"Steps": p.steps, "CFG scale": p.cfg_scale, "Seed": p.seed, "Size": f"{p.width}x{p.height}",
+              "Model hash": getattr(p.sd_model, "sd_model_hash", None), **p.extra_generation_params}
+    line = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+    return f"{p.all_prompts[0]}\n{line}"
+
+
+def always_on_scripts():
+    """One instance of each loaded AlwaysVisible script (what the txt2img tab runs)."""
+    found = []
+    for cls, path, _module in scripts.scripts_data:
+        script = cls()
+        script.filename = path
+        script.is_txt2img = True
+        if script.show(False) is scripts.AlwaysVisible:
+            script.alwayson = True
+            found.append(script)
+    return found
