@@ -29,7 +29,18 @@ make_env() {  # make_env DIR "TORCH PINS" REQUIREMENT-FILES...
   echo "$stamp" > "$dir/.alchemy-stamp"
 }
 
-main_env() { make_env .venv "$MAIN_TORCH" requirements.txt requirements-test.txt; }
+main_env() { make_env .venv "$MAIN_TORCH" requirements.txt requirements-test.txt requirements-e2e.txt; }
+
+# The browser test drives Debian's chromium; install it when we can (root with apt), else that test skips.
+browser() {
+  command -v chromium >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing chromium for the browser test" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "== chromium not installed and no root/apt: the browser test will be skipped" >&2
+  fi
+}
 # The WebUI's torch with the core's dependencies (no gradio: the host brings its own).
 host_env() { make_env .venv-torch21 "$HOST_TORCH" requirements-core.txt requirements-test.txt; }
 
@@ -43,6 +54,7 @@ case "$cmd" in
   test)
     main_env
     host_env
+    browser
     echo "== tests on torch 2.14 (everything)" >&2
     .venv/bin/python -m pytest "$@"
     echo "== core tests on the WebUI's torch 2.1.2" >&2

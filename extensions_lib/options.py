@@ -225,17 +225,20 @@ def from_dict(cls, values: dict, *, source: str = "settings", strict: bool = Fal
 
 # ---- gradio ----------------------------------------------------------------------------------------
 
-def gradio_components(cls, defaults: Any = None, *, elem_prefix: str = "alchemy") -> dict[str, Any]:
+def gradio_components(cls, defaults: Any = None, *, elem_prefix: str = "alchemy",
+                      only: Sequence[str] | None = None) -> dict[str, Any]:
     """Create one gradio (3.x) component per UI option, in declaration order, inside the current Blocks.
 
+    only: render just these options (a tab may lay out one class's options in several places).
     Returns {option name: component}; pass the components' values back through :func:`from_ui_values`.
     """
     import gradio as gr  # imported here: the core must import without gradio
 
     base = to_dict(defaults) if defaults is not None else {}
+    keep = None if only is None else set(only)
     comps: dict[str, Any] = {}
     for spec in specs(cls):
-        if not spec.ui:
+        if not spec.ui or (keep is not None and spec.name not in keep):
             continue
         value = base.get(spec.name, spec.default)
         if isinstance(value, enum.Enum):
@@ -249,12 +252,14 @@ def gradio_components(cls, defaults: Any = None, *, elem_prefix: str = "alchemy"
             maker = gr.Radio if spec.widget == "radio" else gr.Dropdown
             extra = {"multiselect": True} if spec.multiple and maker is gr.Dropdown else {}
             comp = maker(choices=list(spec.choices or []), value=value, **extra, **kw)
-        elif spec.widget == "slider":
+        elif spec.widget == "slider" and spec.default is not None:
             comp = gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step or (1 if spec.type is int else 0.01),
                              value=value, **kw)
-        elif spec.widget == "number":
+        elif spec.widget == "number" and spec.default is not None:
             comp = gr.Number(value=value, precision=0 if spec.type is int else None, **kw)
         else:
+            # Also numbers whose default is None ("empty = automatic"): gradio 3.41's Number shows and
+            # sends 0 for an empty value, which would silently turn "automatic" into 0.
             if spec.multiple and isinstance(value, list):
                 value = ", ".join(map(str, value))
             lines = 3 if spec.widget == "textarea" else 1
@@ -266,8 +271,9 @@ def gradio_components(cls, defaults: Any = None, *, elem_prefix: str = "alchemy"
 def from_ui_values(cls, names: Sequence[str], values: Sequence[Any], base: Any = None):
     """Build `cls` from component values given in the order of `names` (as gradio passes them)."""
     merged = to_dict(base) if base is not None else {}
+    optional = {s.name for s in specs(cls) if s.default is None}
     for name, value in zip(names, values):
-        if isinstance(value, str) and value == "" and name in merged and merged[name] is None:
-            continue
+        if isinstance(value, str) and value.strip() == "" and name in optional:
+            value = None  # an emptied box means "automatic", not an empty string
         merged[name] = value
     return from_dict(cls, merged, source="UI")

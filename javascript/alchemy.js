@@ -81,7 +81,7 @@
             (p.fraction === null ? 0 : Math.round(p.fraction * 1000) / 10) + "%";
         var stats = [p.unit + " " + p.step + (p.total ? "/" + p.total : "")];
         if (p.loss !== null) stats.push("loss " + Number(p.loss).toFixed(4));
-        if (p.it_per_s) stats.push(p.it_per_s.toFixed(2) + " it/s");
+        if (p.it_per_s) stats.push(p.it_per_s.toFixed(2) + (p.unit === "step" ? " it/s" : " " + p.unit + "s/s"));
         if (p.active) stats.push("ETA " + p.eta);
         if (p.elapsed) stats.push("elapsed " + p.elapsed);
         el.querySelector(".alchemy-progress-stats").textContent = stats.join(" \u00b7 ");

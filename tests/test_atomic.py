@@ -23,3 +23,10 @@ def test_failure_keeps_previous_content(tmp_path):
             raise RuntimeError("disk full")
     assert target.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_permissions_follow_umask(tmp_path):
+    from extensions_lib import atomic
+
+    write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK

@@ -214,3 +214,14 @@ def test_unknown_architecture(tiny_checkpoint, tmp_path):
         for k in [k for k in sd if "token_embedding" in k]:
             sd[k] = torch.zeros(49408, 48)
     _expect_error(_write_modified(tiny_checkpoint, tmp_path, "odd.safetensors", widen), "unknown")
+
+
+def test_yaml_declares_v_for_an_sd1_finetune(tiny_checkpoint, tmp_path):
+    ckpt = tmp_path / "sd1v.safetensors"
+    shutil.copy(tiny_checkpoint("sd1"), ckpt)
+    (tmp_path / "sd1v.yaml").write_text(
+        "model:\n  params:\n    parameterization: v\n    cond_stage_config:\n"
+        "      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n")
+    model = load_model(ckpt)
+    assert (model.family, model.prediction_type) == ("sd1", "v")
+    assert model.config.scheduler["prediction_type"] == "v_prediction"

@@ -5,6 +5,7 @@ import argparse
 import enum
 import json
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 
@@ -91,3 +92,28 @@ def test_gradio_components_round_trip():
     names = list(comps)
     values = [c.value for c in comps.values()]
     assert from_ui_values(Opts, names, values) == Opts(steps=9)
+
+
+@dataclass
+class Thresholds:
+    threshold: Optional[float] = option(None, help="empty = the model's default", minimum=0.0, maximum=1.0)
+    count: int = option(3, help="how many")
+
+
+@pytest.mark.needs_gradio
+def test_empty_number_stays_none_through_the_ui():
+    gr = pytest.importorskip("gradio")
+    with gr.Blocks(analytics_enabled=False):
+        comps = gradio_components(Thresholds)
+    # gradio 3.41's Number turns an empty value into 0; an "empty = automatic" option must not.
+    assert isinstance(comps["threshold"], gr.Textbox) and isinstance(comps["count"], gr.Number)
+    assert from_ui_values(Thresholds, ["threshold", "count"], ["", 3]).threshold is None
+    assert from_ui_values(Thresholds, ["threshold", "count"], ["0.5", 3]).threshold == 0.5
+
+
+@pytest.mark.needs_gradio
+def test_only_renders_the_named_options():
+    gr = pytest.importorskip("gradio")
+    with gr.Blocks(analytics_enabled=False):
+        comps = gradio_components(Opts, only=["steps", "mode"])
+    assert list(comps) == ["steps", "mode"]

@@ -112,7 +112,10 @@ class StandaloneModel:
         return [(name, m) for name, m in self.unet.named_modules() if isinstance(m, Attention)]
 
     def ldm_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The current weights in LDM (WebUI single-file) layout plus :attr:`extras`, tensor by tensor."""
+        """The current weights in LDM (WebUI single-file) layout plus :attr:`extras`, tensor by tensor.
+
+        Call it with patches (embedding wrappers, hypernetworks) removed: their tensors have no LDM key.
+        """
         layout = keymap.Layout.from_config(self.config)
         items = [(name, key, t) for name, module in self.modules().items() for key, t in module.state_dict().items()
                  if not key.endswith("embeddings.position_ids")]     # recomputed; the file's copy is an extra
@@ -122,9 +125,6 @@ class StandaloneModel:
     # --- placement -------------------------------------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
-
-    def _part_device(self, part: str) -> torch.device:
-        return next(self.modules()[part].parameters()).device
 
     @contextlib.contextmanager
     def use(self, *parts: str) -> Iterator[None]:
@@ -156,7 +156,8 @@ def choose_config(detected: Detected, path: Path) -> ModelConfig:
         if (config.unet["block_out_channels"][0] == detected.unet_channels
                 and config.text_encoder["hidden_size"] == detected.text_width
                 and config.unet["cross_attention_dim"] == detected.context_dim):
-            return config
+            # a yaml may declare v-prediction for an SD1 fine-tune too
+            return config.with_prediction_type(detected.prediction_type or config.prediction_type)
     raise AlchemyError(
         f"unknown {detected.family} architecture: UNet width {detected.unet_channels}, text width "
         f"{detected.text_width}, context {detected.context_dim} match no known model", path,

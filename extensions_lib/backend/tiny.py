@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
+from ..errors import AlchemyError
 from . import keymap
 from .configs import ModelConfig, alphas_cumprod_from_schedule, build_modules, load_config
 
@@ -97,7 +98,7 @@ def make_tiny_checkpoint(path: str | os.PathLike, family: str = "sd1", seed: int
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".ckpt", ".pt"):
-        raise ValueError(f"{path}: unsupported suffix {suffix!r}; use .safetensors or .ckpt")
+        raise AlchemyError(f"unsupported output type {suffix!r}", path, "name the file .safetensors or .ckpt")
     config, parts = tiny_state_dicts(family, seed)
     state_dict = keymap.convert_diffusers_state_dicts(parts, keymap.Layout.from_config(config))
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +19,11 @@ class Txt2ImgCommand:
     ckpt: Optional[Path] = option(None, help="checkpoint to generate with (.safetensors or .ckpt)", ui=False)
     out: Path = option(Path("txt2img.png"), help="output PNG; a batch writes OUT-0.png, OUT-1.png, ...", ui=False)
     device: str = option("auto", help="where to run: cpu, cuda, cuda:1, ...; auto = cuda when available", ui=False)
+    hypernetwork: list[str] = option([], multiple=True, ui=False,
+                                     help="apply hypernetwork NAME[:MULT] (repeatable; chained in order), like "
+                                          "<hypernet:NAME:MULT> in the prompt")
+    hypernetwork_dir: Path = option(Path("models/hypernetworks"), ui=False,
+                                    help="folder of hypernetworks (searched recursively)")
 
 
 def register(subparsers) -> None:
@@ -44,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise AlchemyError("no checkpoint given", fix="pass --ckpt path/to/model.safetensors")
     paths = output_paths(command.out, opts.batch_size)
     check_options(opts)  # before the (slow) model load
+    from .hypernetwork import txt2img_hypernetworks
+    hypernets = txt2img_hypernetworks(command.hypernetwork, command.hypernetwork_dir, opts.prompt)
 
     import torch
     from tqdm import tqdm
@@ -52,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = command.device if command.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     adapter = load_model(command.ckpt, device=device)
-    with tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
-        images = generate_from(adapter, opts, callback=lambda info: bar.update(1))
+    with hypernets.applied(adapter), tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
+        images = generate_from(adapter, replace(opts, prompt=hypernets.prompt), callback=lambda info: bar.update(1),
+                               extra_params=hypernets.infotext)
     for image, path in zip(images, paths):
         save_png(image, path)
         print(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,5 +46,8 @@ def run(args: argparse.Namespace) -> int:
     host = ALL_INTERFACES if command.listen else LOOPBACK
     print(f"alchemy ui: serving on http://{host}:{command.port} "
           f"({'tiny demo model' if model.is_demo else command.ckpt}; files in {command.data_dir})")
+    if command.listen:
+        print("alchemy ui: warning: --listen lets anyone who can reach this machine use the app, which reads and "
+              "writes files wherever its folder fields point", file=sys.stderr)
     launch(ThreadJobRunner(), context, host=host, port=command.port, block=True)
     return 0

@@ -6,9 +6,9 @@ own database loads) and refuses the rest with a clear message.
 
 Offloading (``--medvram``/``--lowvram``): the host keeps parts in CPU memory and moves one at a time to
 the GPU from a forward-pre-hook named ``send_me_to_gpu``. Every call here goes through a module call that
-triggers those hooks, with inputs moved to the compute device first; :meth:`WebUIModelAdapter.use` runs
-the host's hook for the parts asked for, so code reading weights directly (initialisation text) finds
-them on the device.
+triggers those hooks, with inputs moved to the compute device first; :meth:`WebUIModelAdapter.use` and
+reading :attr:`WebUIModelAdapter.text_encoders` run the host's hook for those parts, so code reading
+weights directly (initialisation text) finds them on the device.
 
 Model switches: the host fires ``on_model_loaded`` when it builds a model or swaps weights into one, but
 not when it switches to a model kept in its RAM cache. :class:`ModelWatch` counts the callbacks and
@@ -101,8 +101,8 @@ class WebUIModelAdapter:
         cond = sd_model.conditioner if self.family == "sdxl" else sd_model.cond_stage_model
         self._cond = cond
         self._wrapped = getattr(cond, "wrapped", cond)
-        self.text_encoders = self._text_encoders()
-        self.context_dim = 2048 if self.family == "sdxl" else self.text_encoders[0].width
+        self._encoders = self._text_encoders()
+        self.context_dim = 2048 if self.family == "sdxl" else self._encoders[0].width
         self.vae_scale_factor = float(getattr(sd_model, "scale_factor", 0.18215))
 
     # --- identity ------------------------------------------------------------------------------------
@@ -141,6 +141,14 @@ class WebUIModelAdapter:
             raise UnsupportedModel("this WebUI's text encoder wrapper has no tokenize()",
                                    fix="use AUTOMATIC1111 WebUI 1.x; other hosts are not supported for this")
         return tokenizer
+
+    @property
+    def text_encoders(self) -> list[TextEncoderInfo]:
+        """The encoders, their token embeddings brought to the device first when the host offloads: code
+        that reads token vectors (initialisation text) through here never sees a parked copy."""
+        if self.offloaded:
+            run_placement_hook(self.modules()["text_encoder"])
+        return self._encoders
 
     def _text_encoders(self) -> list[TextEncoderInfo]:
         if self.family == "sdxl":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -24,6 +23,8 @@ import torch
 
 from ..errors import AlchemyError
 from ..formats.torch_pt import save_pt
+from ..sampling.infotext import save_png
+from ..sampling.txt2img import GenerationOptions, generate_from
 from ..train.batches import Batch, build_training_data
 from ..train.diffusion_loss import denoising_loss
 from ..train.loop import TrainResult, train
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 PROVENANCE_KEY = "alchemy"
 """Top-level key of our provenance in a trained ``.pt`` (the host's loader reads only integer keys and its
 own metadata keys, so it never sees this one)."""
+
+PREVIEW_STEPS = 20
+"""Sampling steps of a preview unless the txt2img preview settings are used (the WebUI's fixed 20)."""
 
 RISKY_LEARN_RATE = 1e-4
 """Learning rates from here up (10x the WebUI's default of 1e-5 and more) are the range where
@@ -165,11 +169,12 @@ class HypernetworkMethod:
 
         with torch.no_grad():
             if self._cond_cache is None:
-                cond = encode_prompts(self.adapter, list(prompts))
+                cond = encode_prompts(self.adapter, list(prompts), clip_skip=self.options.clip_skip)
             else:
                 for prompt in prompts:
                     if prompt not in self._cond_cache:
-                        self._cond_cache[prompt] = encode_prompts(self.adapter, [prompt])[0].cpu()
+                        self._cond_cache[prompt] = encode_prompts(self.adapter, [prompt],
+                                                                  clip_skip=self.options.clip_skip)[0].cpu()
                 cond = stack_conds([self._cond_cache[p] for p in prompts])
         return cond.to(self.adapter.device)
 
@@ -215,21 +220,25 @@ class HypernetworkMethod:
             save_pt({"optimizer_name": self.optimizer_name, "hash": shorthash(path),
                      "optimizer_state_dict": optimizer_state}, optimizer_path(path))
 
+    def preview_options(self) -> GenerationOptions:
+        """The WebUI's preview: the last training prompt, 20 steps, the training size (here with the run's
+        seed, so previews compare); or the preview settings when "read parameters from txt2img" is on."""
+        o = self.options
+        if o.preview_from_txt2img:
+            return GenerationOptions(prompt=o.preview_prompt, negative=o.preview_negative_prompt,
+                                     steps=o.preview_steps, sampler=o.preview_sampler, cfg_scale=o.preview_cfg_scale,
+                                     seed=o.preview_seed if o.preview_seed >= 0 else o.seed,
+                                     width=o.preview_width, height=o.preview_height, clip_skip=o.clip_skip)
+        return GenerationOptions(prompt=self._last_prompt or self.name, steps=PREVIEW_STEPS, seed=o.seed,
+                                 width=o.training_width, height=o.training_height, clip_skip=o.clip_skip)
+
     def preview(self, step: int, directory: Path) -> Path | None:
         """One txt2img image with the hypernetwork applied (eval mode: no dropout, its multiplier)."""
-        from ..sampling.infotext import save_png
-        from ..sampling.txt2img import GenerationOptions, generate_from
-
-        o = self.options
-        prompt = o.preview_prompt or self._last_prompt or self.data.prompt(0, random.Random(0))
-        gen = GenerationOptions(prompt=prompt, negative=o.preview_negative_prompt, steps=o.preview_steps,
-                                sampler=o.preview_sampler, cfg_scale=o.preview_cfg_scale, seed=o.preview_seed,
-                                width=o.preview_width or o.training_width, height=o.preview_height or o.training_height)
         hn = self.hypernetwork
         with global_rng_preserved():  # previews must not change what training draws next
             hn.eval()
             try:
-                image = generate_from(self.adapter, gen, extra_params={"Hypernet": hn.name})[0]
+                image = generate_from(self.adapter, self.preview_options(), extra_params={"Hypernet": hn.name})[0]
             finally:
                 hn.train()
         path = Path(directory) / f"{self.name}-{self.base_step + step}.png"

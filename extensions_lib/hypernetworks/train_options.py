@@ -1,9 +1,9 @@
 """Hypernetwork training options: the shared training options plus what the WebUI's Train tab adds for
 hypernetworks, declared once.
 
-Field names follow the WebUI's saved settings JSON (``hypernetwork_name``, ``preview_prompt``,
-``preview_negative_prompt``, ``preview_steps``, ``preview_cfg_scale``, ``preview_seed``, ``preview_width``,
-``preview_height``), so a settings file the WebUI wrote loads with :func:`extensions_lib.options.from_dict`.
+Field names follow the WebUI's saved settings JSON (``hypernetwork_name``, ``preview_from_txt2img`` and the
+``preview_*`` fields), so a settings file the WebUI wrote loads with :func:`extensions_lib.options.from_dict`.
+The preview fields are the same as the embedding trainer's.
 """
 from __future__ import annotations
 
@@ -39,18 +39,20 @@ class HypernetworkTrainOptions(TrainingOptions):
                                      "in), or a shipped one: style, style_filewords, subject, subject_filewords, "
                                      "filewords")
 
-    preview_prompt: str = option("", group=_PREVIEW, widget="textarea",
-                                 help="prompt of the preview images (empty = the first prompt of the current batch, "
-                                      "as the WebUI does)")
-    preview_negative_prompt: str = option("", label="Preview negative prompt", group=_PREVIEW, widget="textarea",
-                                          help="negative prompt of the preview images")
-    preview_steps: int = option(20, minimum=1, maximum=150, step=1, group=_PREVIEW, help="sampling steps of a preview")
-    preview_sampler: str = option("euler", choices=list(SAMPLERS), group=_PREVIEW, help="sampler of the previews")
-    preview_cfg_scale: float = option(7.0, label="Preview CFG scale", minimum=1.0, maximum=30.0, step=0.5,
-                                      group=_PREVIEW, help="classifier-free guidance scale of the previews")
-    preview_seed: int = option(-1, group=_PREVIEW,
-                               help="seed of the previews (-1 = a new one each time; fix it to compare previews)")
-    preview_width: int = option(0, minimum=0, maximum=2048, step=8, group=_PREVIEW,
-                                help="preview width in pixels (0 = the training width)")
-    preview_height: int = option(0, minimum=0, maximum=2048, step=8, group=_PREVIEW,
-                                 help="preview height in pixels (0 = the training height)")
+    clip_skip: int = option(1, minimum=1, maximum=12, step=1, group=_HN,
+                            help="use the text encoder's N-th layer from the end while training (the WebUI's Clip "
+                                 "skip setting; 1 = last)")
+
+    preview_from_txt2img: bool = option(False, group=_PREVIEW,
+                                        label="Read parameters (prompt, etc...) from txt2img tab when making previews",
+                                        help="use the preview settings below instead of the last training prompt, "
+                                             "20 steps and the training size")
+    preview_prompt: str = option("", group=_PREVIEW, widget="textarea", help="preview prompt")
+    preview_negative_prompt: str = option("", group=_PREVIEW, help="preview negative prompt")
+    preview_steps: int = option(20, minimum=1, maximum=150, step=1, group=_PREVIEW, help="preview sampling steps")
+    preview_sampler: str = option("euler", choices=list(SAMPLERS), group=_PREVIEW, help="preview sampler")
+    preview_cfg_scale: float = option(7.0, minimum=1.0, maximum=30.0, step=0.5, group=_PREVIEW,
+                                      help="preview CFG scale")
+    preview_seed: int = option(-1, group=_PREVIEW, help="preview seed (-1 = the run's seed, so previews compare)")
+    preview_width: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview width")
+    preview_height: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview height")

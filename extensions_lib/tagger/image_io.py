@@ -110,9 +110,12 @@ def decode_image(source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT
         im.load()
         if im.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose would copy even when upright
             im = ImageOps.exif_transpose(im)
-        return to_rgb_or_rgba(im)
     except Exception as exc:  # truncated data, bad compression streams, broken EXIF ...
         text = str(exc) or type(exc).__name__
         if "truncated" in text:
             raise ImageSkipped(f"truncated file ({text})") from None
         raise ImageSkipped(f"corrupt image data ({type(exc).__name__}: {text})") from None
+    try:
+        return to_rgb_or_rgba(im)
+    except Exception as exc:
+        raise ImageSkipped(f"unsupported colour mode {im.mode} ({exc})") from None

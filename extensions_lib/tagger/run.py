@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,14 +107,15 @@ def plan_jobs(input_dir: Path, run: TagRunOptions, summary: RunSummary,
     return jobs
 
 
-def _load(job: _Job, tagger: Tagger, cache: ScoreCache | None, max_pixels: int) -> _Job:
+def _load(job: _Job, tagger: Tagger, cache: ScoreCache | None, max_pixels: int, want_hash: bool) -> _Job:
     """Decoder-thread work: bytes -> hash -> cached scores, or decoded and prepared model input."""
     try:
         data = job.image.read_bytes()
     except OSError as exc:
         job.reason = f"unreadable ({exc.strerror or exc})"
         return job
-    job.key = content_hash(data)
+    if want_hash or cache is not None:
+        job.key = content_hash(data)
     if cache is not None:
         job.scores = cache.get(job.key)
         if job.scores is not None:
@@ -123,6 +125,19 @@ def _load(job: _Job, tagger: Tagger, cache: ScoreCache | None, max_pixels: int) 
     except ImageSkipped as exc:
         job.reason = exc.reason
     return job
+
+
+def run_nice() -> int:
+    import os as _os
+    return int(_os.environ.get("ALCHEMY_TAGGER_NICE", "0"))
+
+
+def _background_priority(nice: int) -> None:
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass
 
 
 def _read_existing(path: Path) -> str | None:
@@ -178,7 +193,8 @@ def tag_directory(input_dir: str | os.PathLike, tagger: Tagger, caption_opts: Ca
     def write(job: _Job, scores: np.ndarray, inferred: bool) -> None:
         if cache is not None and inferred:
             cache.put(job.key, scores)
-        existing = _read_existing(job.caption) if job.caption.exists() else None
+        merging = caption_opts.existing_caption in ("append", "prepend")
+        existing = _read_existing(job.caption) if merging and job.caption.exists() else None
         tags = merge_existing(caption_tags(scores, tagger.labels, caption_opts, tagger.default_thresholds),
                               existing, caption_opts)
         write_text(job.caption, join_caption(tags, caption_opts.separator))
@@ -187,7 +203,8 @@ def tag_directory(input_dir: str | os.PathLike, tagger: Tagger, caption_opts: Ca
         if run.manifest:
             records.append(_manifest_record(job, tagger, tags, scores, caption_opts, input_dir))
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="tagger-decode")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tagger-decode", initializer=_background_priority,
+                              initargs=(run_nice(),))
     writer = ThreadPoolExecutor(1, thread_name_prefix="tagger-write")  # one thread: no locking of summary
     queue: collections.deque[Future] = collections.deque()
     pending = iter(jobs)
@@ -198,7 +215,7 @@ def tag_directory(input_dir: str | os.PathLike, tagger: Tagger, caption_opts: Ca
             job = next(pending, None)
             if job is None:
                 return
-            queue.append(pool.submit(_load, job, tagger, cache, run.max_pixels))
+            queue.append(pool.submit(_load, job, tagger, cache, run.max_pixels, bool(run.manifest)))
 
     def flush():
         nonlocal done

@@ -82,7 +82,7 @@ def standalone_context(model: ModelHolder, data_dir: Path, tagger_models_dir: Pa
         defaults.update(demo_training_defaults())
     return UIContext(model=model, embeddings_dir=data_dir / "embeddings", hypernetworks_dir=data_dir / "hypernetworks",
                      log_root=data_dir, tagger_models_dir=tagger_models_dir or Path("models") / "tagger",
-                     defaults=defaults)
+                     cache_dir=model.cache_dir, defaults=defaults)
 
 
 def demo_training_defaults() -> dict:

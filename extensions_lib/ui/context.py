@@ -33,6 +33,8 @@ class UIContext:
     log_root: a relative "Log directory" of the train tabs is taken relative to this folder (the WebUI's
         data folder; runs are then logged in ``<log_root>/textual_inversion/<date>/<name>/``).
     tagger_models_dir: one sub-folder per tagger model (``models/tagger`` in the WebUI).
+    cache_dir: where caches go (the tagger's score cache in ``<cache_dir>/tagger``); None: each tool's
+        default (``~/.cache/alchemy/...``).
     templates_dir: extra prompt templates (the WebUI's ``textual_inversion_templates``), or None.
     preview_params: the WebUI's txt2img preview components ([prompt, negative_prompt, steps, sampler_name,
         cfg_scale, seed, width, height]) for "read preview parameters from txt2img"; None standalone.
@@ -47,6 +49,7 @@ class UIContext:
     hypernetworks_dir: Path = Path("models/hypernetworks")
     log_root: Path = Path(".")
     tagger_models_dir: Path = Path("models/tagger")
+    cache_dir: Path | None = None
     templates_dir: Path | None = None
     preview_params: Sequence[Any] | None = None
     files_changed: Callable[[str], None] = _ignore
@@ -59,8 +62,9 @@ class UIContext:
     def __post_init__(self):
         for name in ("embeddings_dir", "hypernetworks_dir", "log_root", "tagger_models_dir"):
             setattr(self, name, Path(os.path.expanduser(os.fspath(getattr(self, name)))))
-        if self.templates_dir is not None:
-            self.templates_dir = Path(self.templates_dir)
+        for name in ("cache_dir", "templates_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(os.path.expanduser(os.fspath(getattr(self, name)))))
 
     def defaults_for(self, cls) -> Any:
         """The pre-filled values for options class `cls` (its own defaults when the host gives none)."""

@@ -58,6 +58,8 @@ def tag_folder(request: TagRequest, job: JobContext):
     model_dir = resolve_tagger(request.context, request.model, download=request.run.download, job=job)
     job.update(message=f"loading {model_dir.name}", unit="image")
     run = dataclasses.replace(request.run, models_dir=request.context.tagger_models_dir)
+    if run.cache_dir is None and request.context.cache_dir is not None:
+        run = dataclasses.replace(run, cache_dir=request.context.cache_dir / "tagger")
     tagger = request.context.tagger().get(model_dir, device=run.device, device_id=run.device_id)
     summary = tag_directory(folder, tagger, request.caption, run, progress=job.counter("image"),
                             should_stop=job.should_stop)

@@ -6,30 +6,10 @@ dropdown) and collects the values back through :func:`extensions_lib.options.fro
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from ..options import from_ui_values, gradio_components, specs
-
-
-def subset_class(cls, names: Iterable[str]):
-    """A dataclass holding only the fields `names` of `cls`, with the same types, defaults and option
-    declarations (so rendering a part of `cls` uses the one declaration, not a copy)."""
-    wanted = set(names)
-    hints = typing.get_type_hints(cls)
-    fields = []
-    for f in dataclasses.fields(cls):
-        if f.name not in wanted:
-            continue
-        kw: dict[str, Any] = {"metadata": f.metadata}
-        if f.default is not dataclasses.MISSING:
-            kw["default"] = f.default
-        else:
-            kw["default_factory"] = f.default_factory
-        fields.append((f.name, hints[f.name], dataclasses.field(**kw)))
-    return dataclasses.make_dataclass(f"{cls.__name__}Part", fields)
 
 
 @dataclass
@@ -84,13 +64,12 @@ def render_options(cls, defaults: Any = None, *, elem_prefix: str, only: Iterabl
         names = [n for n in names if keep is None or n in keep]
         if not names:
             continue
-        part = subset_class(cls, names)
         if heading and accordions:
             opened = open_groups == "all" or heading in open_groups
             with gr.Accordion(heading, open=opened, elem_id=f"{elem_prefix}_group_{_slug(heading)}"):
-                components.update(gradio_components(part, base, elem_prefix=elem_prefix))
+                components.update(gradio_components(cls, base, elem_prefix=elem_prefix, only=names))
         else:
-            components.update(gradio_components(part, base, elem_prefix=elem_prefix))
+            components.update(gradio_components(cls, base, elem_prefix=elem_prefix, only=names))
     return OptionForm(cls, components, base)
 
 

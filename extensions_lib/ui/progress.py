@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-RUNNING_STATES = ("running", "stopping")
+RUNNING_STATES = ("queued", "running", "stopping")
 FINAL_STATES = ("done", "cancelled", "failed")
 MAX_CURVE_POINTS = 400
 """Loss-curve points sent to the browser; longer runs are averaged into this many buckets."""
@@ -32,7 +32,8 @@ class JobProgress:
     panel: str = ""
     """Which tab started the job (its progress element is ``#alchemy_<panel>_progress``)."""
     state: str = "idle"
-    """idle, running, stopping (interrupt asked), done, cancelled or failed."""
+    """idle, queued (waiting for the host's GPU queue), running, stopping (interrupt asked), done, cancelled
+    or failed."""
     step: int = 0
     total: int = 0
     unit: str = "step"
@@ -132,8 +133,8 @@ def status_line(p: JobProgress) -> str:
     if p.state == "idle":
         return "No job has run yet."
     count = f"{p.step}/{p.total} {p.unit}s" if p.total else f"{p.step} {p.unit}s"
-    head = {"running": "Running", "stopping": "Stopping", "done": "Finished", "cancelled": "Stopped",
-            "failed": "Failed"}[p.state]
+    head = {"queued": "Queued", "running": "Running", "stopping": "Stopping", "done": "Finished",
+            "cancelled": "Stopped", "failed": "Failed"}.get(p.state, p.state.capitalize())
     text = f"{head}: {p.title} ({count}"
     if p.loss is not None:
         text += f", loss {p.loss:.4f}"
@@ -185,7 +186,7 @@ class ProgressBoard:
     def stopping(self) -> bool:
         """Mark the running job as asked to stop; False when none runs."""
         with self._lock:
-            if self._p.state != "running":
+            if self._p.state not in ("queued", "running"):
                 return False
             self._p.state = "stopping"
             return True

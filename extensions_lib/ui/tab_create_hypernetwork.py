@@ -32,7 +32,8 @@ def build_create_hypernetwork(context: UIContext) -> None:
                                   elem_prefix="alchemy_create_hypernetwork")
             create = gr.Button("Create hypernetwork", variant="primary", elem_id="alchemy_create_hypernetwork_start")
         with gr.Column(scale=2):
-            result = gr.Textbox(label="Result", lines=3, interactive=False, elem_id="alchemy_create_hypernetwork_result")
+            result = gr.Textbox(label="Result", lines=3, interactive=False,
+                                elem_id="alchemy_create_hypernetwork_result")
 
     def on_create(*values):
         try:

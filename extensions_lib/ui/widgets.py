@@ -15,7 +15,7 @@ import gradio as gr
 from ..errors import AlchemyError
 from .progress import JobProgress, JobRunner, run_job, status_line
 
-REFRESH_SYMBOL = "\U0001f504"  # 🔄, as the WebUI's refresh buttons
+REFRESH_SYMBOL = "\u21bb"  # ↻: an arrow every font has (the WebUI's 🔄 needs an emoji font)
 
 
 def watch_js(panel: str) -> str:
@@ -36,8 +36,12 @@ def refresh_button(elem_id: str) -> gr.Button:
 
 def interrupt_button(runner: JobRunner, panel: str) -> gr.Button:
     """An Interrupt button: asks the running job to stop at its next safe point (it saves first)."""
+    def stop() -> None:
+        runner.interrupt()
+
     button = gr.Button("Interrupt", elem_id=f"alchemy_{panel}_interrupt", variant="stop")
-    button.click(fn=lambda: None if runner.interrupt() else None, inputs=[], outputs=[], queue=False)
+    # Unqueued: the queue's workers may all be waiting on jobs, and this must get through at once.
+    button.click(fn=stop, inputs=[], outputs=[], queue=False)
     return button
 
 

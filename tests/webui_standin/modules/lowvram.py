@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from modules import devices, shared
+from modules import shared
 
 module_in_gpu = None
 cpu = torch.device("cpu")

@@ -7,7 +7,7 @@ returns the infotext. The sampler is not simulated: tests call ``sd_model.apply_
 """
 from __future__ import annotations
 
-from modules import extra_networks, scripts, sd_hijack, shared
+from modules import errors, extra_networks, scripts, sd_hijack
 
 
 class StableDiffusionProcessingTxt2Img:
@@ -35,16 +35,24 @@ class StableDiffusionProcessingTxt2Img:
         self.extra_network_data = None
 
 
+def _run_hook(script, hook, p, *args, **kwargs):
+    """The host's ScriptRunner: an exception in a script's hook is reported, and generation goes on."""
+    try:
+        getattr(script, hook)(p, *args, **kwargs)
+    except Exception:
+        errors.report(f"Error running {hook}: {script.filename}", exc_info=True)
+
+
 def prepare(p):
     sd_hijack.model_hijack.clear_comments()
     if not p.do_not_reload_embeddings:
         sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings()
     for script in p.scripts:
-        script.process(p, *p.script_args)
+        _run_hook(script, "process", p, *p.script_args)
     p.prompts = list(p.all_prompts)
     for script in p.scripts:
-        script.before_process_batch(p, *p.script_args, batch_number=0, prompts=p.prompts, seeds=[p.seed],
-                                    subseeds=[p.seed])
+        _run_hook(script, "before_process_batch", p, *p.script_args, batch_number=0, prompts=p.prompts,
+                  seeds=[p.seed], subseeds=[p.seed])
     p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
     if not p.disable_extra_networks:
         extra_networks.activate(p, p.extra_network_data)
@@ -55,7 +63,7 @@ def prepare(p):
 
 def finish(p, processed=None):
     for script in p.scripts:
-        script.postprocess(p, processed, *p.script_args)
+        _run_hook(script, "postprocess", p, processed, *p.script_args)
     params = {"Steps": p.steps, "CFG scale": p.cfg_scale, "Seed": p.seed, "Size": f"{p.width}x{p.height}",
               "Model hash": getattr(p.sd_model, "sd_model_hash", None), **p.extra_generation_params}
     line = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
