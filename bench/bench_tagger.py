@@ -21,6 +21,7 @@ import argparse
 import csv
 import inspect
 import io
+import os
 import shutil
 import statistics
 import sys
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
     inputs = np.stack([tagger.prepare(decode_image(p)) for p in images])
     tagger.session.run([tagger.output_name], {tagger.input_name: inputs[:2]})  # warm-up
 
+    load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {"baseline": [], "ours": []}
     batches = [int(b) for b in args.batches.split(",")]
     for b in batches:
@@ -218,9 +220,11 @@ def main(argv=None) -> int:
     n = len(images)
     print(f"\nmodel: ConvNeXt-style stand-in, {macs / 1e9:.2f} GMACs ({2 * macs / 1e9:.2f} GFLOPs) per {SIZE}px image, "
           f"{N_TAGS} tags; {n} images; onnxruntime CPU; torch threads {torch.get_num_threads()}")
-    print(f"{'variant':12s} {'median s':>9s} {'images/s':>9s}")
+    print(f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+          f"{os.cpu_count()} CPUs (other jobs on the machine distort every figure)")
+    print(f"{'variant':12s} {'median s':>9s} {'images/s':>9s} {'min s':>7s} {'max s':>7s}")
     for name, value in med.items():
-        print(f"{name:12s} {value:9.2f} {n / value:9.2f}")
+        print(f"{name:12s} {value:9.2f} {n / value:9.2f} {min(times[name]):7.2f} {max(times[name]):7.2f}")
     speedup = med["baseline"] / med["ours"]
     overhead = med["ours"] / best
     print(f"\nthroughput ours / per-image loop: {speedup:.2f}x (target >= 1.5x) "

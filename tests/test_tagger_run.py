@@ -261,7 +261,14 @@ def test_ctrl_c_keeps_finished_captions_and_a_rerun_completes(tmp_path, models):
     assert captions_of(data) == captions_of(clean)
 
 
-def test_should_stop_ends_after_the_current_batch(tmp_path, models):
+def test_should_stop_finishes_what_is_decoded_then_stops(tmp_path, models):
     data = make_dataset(tmp_path / "data")
-    summary = tag_directory(data, models["free"], OPTS, run_opts(tmp_path, batch_size=3), should_stop=lambda: True)
-    assert summary.interrupted and summary.inferred == 3 and len(captions_of(data)) == 3
+    polls = []
+
+    def stop_after_five():
+        polls.append(1)
+        return len(polls) >= 5
+
+    summary = tag_directory(data, models["free"], OPTS, run_opts(tmp_path, batch_size=3), should_stop=stop_after_five)
+    assert summary.interrupted and summary.inferred == 5 and sorted(captions_of(data)) == \
+        ["a_rgb.txt", "b_rgba.txt", "c.txt", "d_palette.txt", "e_la.txt"]

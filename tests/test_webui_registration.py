@@ -79,6 +79,14 @@ def test_settings_section_is_rendered_from_the_option_dataclasses(tmp_path):
         assert ours["alchemy_train_hypernetwork_learn_rate"].default == HypernetworkTrainOptions().learn_rate
         assert "alchemy_train_learn_rate" not in ours and "alchemy_train_batch_size" in ours
         assert host.shared.opts.alchemy_train_batch_size == 1
+        # Every entry builds as the settings page builds it (component, its arguments, the stored value).
+        import gradio as gr
+
+        with gr.Blocks():
+            for key, info in ours.items():
+                args = info.component_args() if callable(info.component_args) else info.component_args or {}
+                default = {bool: gr.Checkbox, int: gr.Number, float: gr.Number}.get(type(info.default), gr.Textbox)
+                (info.component or default)(label=info.label, value=host.shared.opts.data[key], elem_id=key, **args)
 
 
 def test_saved_settings_become_the_tabs_defaults(tmp_path):

@@ -41,7 +41,8 @@ class HostHandles:
         data = getattr(self.sd_models, "model_data", None)
         if data is not None:
             return getattr(data, "sd_model", None)
-        return None
+        # Hosts before 1.2 kept a plain module attribute (no loading property): reading it is safe.
+        return vars(self.shared).get("sd_model") if self.shared is not None else None
 
     def model_loaded(self) -> bool:
         return self.current_model() is not None

@@ -23,18 +23,13 @@ from typing import Any, Callable
 
 from ..errors import AlchemyError, Cancelled
 from ..ui.progress import JobContext, JobProgress, ProgressBoard
+from ..ui.thread_runner import describe_error
 
 log = logging.getLogger(__name__)
 
 
 class Busy(AlchemyError):
     """Another Alchemy job is queued or running (HTTP 409)."""
-
-
-def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, AlchemyError):
-        return exc.message
-    return f"unexpected error: {type(exc).__name__}: {exc} (details in the console log)"
 
 
 class _StateBoard(ProgressBoard):
@@ -69,6 +64,11 @@ class _Stop:
         self.event = threading.Event()
         self.reason = ""
         self.model_token = None
+
+    def model_used(self, token) -> None:
+        """The job took the model (``ModelWatch.adapter``): from now on it must stay the same one."""
+        if self.model_token is None:
+            self.model_token = token
 
     def is_set(self) -> bool:
         if self.event.is_set():
@@ -180,15 +180,13 @@ class HostJobRunner:
             self.board.host_state = self.state
             self.state.job = "alchemy"
             self.state.job_count = -1
-        if self.watch is not None:
-            try:
-                stop.model_token = self.watch.token()
-            except AlchemyError:
-                stop.model_token = None  # no model: a job that needs one says so itself
+        if self.watch is not None:  # only a job that takes the model stops when the model changes
+            self.watch.listener = stop.model_used
         job = JobContext(self.board, stop, on_preview=self._show_preview)
         try:
-            outcome["result"] = job_fn(options, job)
-            outcome["cancelled"] = stop.is_set()
+            result = outcome["result"] = job_fn(options, job)
+            said = getattr(result, "cancelled", getattr(result, "interrupted", None))  # TrainResult, RunSummary
+            outcome["cancelled"] = bool(said) if said is not None else stop.event.is_set()
         except Cancelled:
             outcome["cancelled"] = True
         except BaseException as exc:  # noqa: BLE001 — reported on the board, not as the host's error HTML
@@ -197,6 +195,8 @@ class HostJobRunner:
             outcome["error"] = exc
         finally:
             self.board.host_state = None
+            if self.watch is not None:
+                self.watch.listener = None
 
     def _finish(self, outcome: dict) -> None:
         self.last_error = outcome.get("error")

@@ -260,6 +260,8 @@ class ModelWatch:
         self.generation = 0
         self._adapter: WebUIModelAdapter | None = None
         self._adapter_token: tuple | None = None
+        self.listener: Callable[[tuple[int, int]], None] | None = None
+        """Told the model's token whenever :meth:`adapter` hands it out (a running job binds to it)."""
 
     def model_loaded(self, sd_model: Any = None) -> None:
         self.generation += 1
@@ -296,4 +298,6 @@ class ModelWatch:
             device = self._device() if callable(self._device) else self._device
             self._adapter = WebUIModelAdapter(model, device)
             self._adapter_token = token
+        if self.listener is not None:
+            self.listener(token)
         return self._adapter

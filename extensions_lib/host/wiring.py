@@ -214,15 +214,17 @@ class HypernetworkWiring:
         if name is None:
             self.undo()
             return
+        from ..hypernetworks.file import read_hypernetwork
+
         adapter = self._adapter()
         library = self._library()
-        path = library.path(name)
+        path = self.path(name)
         st_ = path.stat()
         wanted = Applied(id(adapter.sd_model), name, strength, (st_.st_mtime_ns, st_.st_size))
         if self._applied == wanted and self._patch is not None and self._patch.active:
             return
         self.undo()
-        hn = library.load(name)
+        hn = library.load(name) if name in library.names() else read_hypernetwork(path)
         self._patch = apply_hypernetworks([(hn, strength)], adapter.attention_modules())
         self._applied = wanted
 

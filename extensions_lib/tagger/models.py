@@ -198,7 +198,7 @@ class ModelSlot:
         return self._tagger
 
     def get(self, folder: str | os.PathLike, **kwargs) -> Tagger:
-        key = (str(Path(folder).resolve()), tuple(sorted(kwargs.items())))
+        key = (str(Path(folder).resolve()), tuple(sorted((k, v) for k, v in kwargs.items() if k != "report")))
         if self._tagger is not None and self._key == key:
             return self._tagger
         self.unload()

@@ -8,15 +8,15 @@ PIL, numpy and onnxruntime/torch release the GIL, so the three overlap.
 Safety: an image whose caption exists under the `skip` policy is never decoded nor inferred (a re-run
 resumes); captions are UTF-8 and written temp-file + rename; a caption path can never be an image
 (the caption extension may not be an image extension, and two images that would share a caption file
-are reported instead of one silently winning); Ctrl-C stops after the current batch, keeps every
-caption already written and returns a summary marked interrupted.
+are reported instead of one silently winning); Ctrl-C abandons the batch in flight, keeps every
+caption already written and returns a summary marked interrupted; a `should_stop()` request finishes
+the images already decoded first.
 """
 from __future__ import annotations
 
 import collections
 import json
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -127,19 +127,6 @@ def _load(job: _Job, tagger: Tagger, cache: ScoreCache | None, max_pixels: int, 
     return job
 
 
-def run_nice() -> int:
-    import os as _os
-    return int(_os.environ.get("ALCHEMY_TAGGER_NICE", "0"))
-
-
-def _background_priority(nice: int) -> None:
-    if nice and hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError:
-            pass
-
-
 def _read_existing(path: Path) -> str | None:
     try:
         raw = path.read_bytes()
@@ -172,114 +159,125 @@ def tag_directory(input_dir: str | os.PathLike, tagger: Tagger, caption_opts: Ca
                   run: TagRunOptions, *, progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   report: Callable[[str], None] | None = None) -> RunSummary:
-    """Caption every image in `input_dir` (see the module docstring); returns what happened."""
+    """Caption every image in `input_dir` (see the module docstring); returns what happened.
+
+    progress(done, total) is called as images finish; should_stop() is polled between images (the
+    WebUI's interrupt button); report(text) receives the end-of-run summary.
+    """
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise AlchemyError("input folder not found", input_dir, "pass the folder holding the images")
     started = time.perf_counter()
     summary = RunSummary()
     jobs = plan_jobs(input_dir, run, summary, caption_opts.existing_caption)
-    done = summary.total - len(jobs)
-    if progress:
-        progress(done, summary.total)
-    cache = ScoreCache(run.cache_dir or default_cache_dir(), tagger.model_id, len(tagger.labels)) \
-        if run.cache else None
-    batch_size = tagger.fixed_batch or run.batch_size or FREE_BATCH_DEFAULT
-    workers = run.workers or max(1, min(4, os.cpu_count() or 1))
-    window = max(2 * batch_size, 2 * workers)
-    records: list[dict] = []
-    writes: list[Future] = []
-
-    def write(job: _Job, scores: np.ndarray, inferred: bool) -> None:
-        if cache is not None and inferred:
-            cache.put(job.key, scores)
-        merging = caption_opts.existing_caption in ("append", "prepend")
-        existing = _read_existing(job.caption) if merging and job.caption.exists() else None
-        tags = merge_existing(caption_tags(scores, tagger.labels, caption_opts, tagger.default_thresholds),
-                              existing, caption_opts)
-        write_text(job.caption, join_caption(tags, caption_opts.separator))
-        summary.tag_counts.update(tags)
-        summary.written += 1
-        if run.manifest:
-            records.append(_manifest_record(job, tagger, tags, scores, caption_opts, input_dir))
-
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="tagger-decode", initializer=_background_priority,
-                              initargs=(run_nice(),))
-    writer = ThreadPoolExecutor(1, thread_name_prefix="tagger-write")  # one thread: no locking of summary
-    queue: collections.deque[Future] = collections.deque()
-    pending = iter(jobs)
-    batch: list[_Job] = []
-
-    def refill():
-        while len(queue) < window:
-            job = next(pending, None)
-            if job is None:
-                return
-            queue.append(pool.submit(_load, job, tagger, cache, run.max_pixels, bool(run.manifest)))
-
-    def flush():
-        nonlocal done
-        if not batch:
-            return
-        scores = tagger.predict(np.stack([j.array for j in batch]))
-        for job, row in zip(batch, scores):
-            job.array = None
-            writes.append(writer.submit(write, job, row, True))
-        summary.inferred += len(batch)
-        done += len(batch)
-        batch.clear()
-        if progress:
-            progress(done, summary.total)
-
-    try:
-        refill()
-        while queue:
-            job = queue.popleft().result()
-            refill()
-            if job.reason is not None:
-                summary.skipped.append((str(job.image), job.reason))
-                done += 1
-            elif job.scores is not None:
-                writes.append(writer.submit(write, job, job.scores, False))
-                summary.from_cache += 1
-                done += 1
-            else:
-                batch.append(job)
-                if len(batch) >= batch_size:
-                    flush()
-                    if should_stop and should_stop():
-                        summary.interrupted = True
-                        break
-                continue
-            if progress:
-                progress(done, summary.total)
-        else:
-            flush()
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        for fut in queue:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True)
-    for fut in writes:
-        exc = fut.exception()
-        if exc is not None:
-            if isinstance(exc, OSError):
-                summary.skipped.append((getattr(exc, "filename", "") or "?", f"caption not written ({exc})"))
-            else:
-                raise exc
-    if run.manifest:
-        records.sort(key=lambda r: r["image"])
-        with atomic_open(run.manifest, "w") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            for image, reason in summary.skipped:
-                fh.write(json.dumps({"image": image, "skipped": reason}, ensure_ascii=False) + "\n")
+    _Pipeline(input_dir, tagger, caption_opts, run, summary, progress, should_stop).run(jobs)
     summary.seconds = time.perf_counter() - started
     if report:
         report(format_summary(summary, run.summary_top))
     return summary
+
+
+class _Pipeline:
+    """One directory run: decoder pool -> batched inference (calling thread) -> writer thread."""
+
+    def __init__(self, root: Path, tagger: Tagger, caption_opts: CaptionOptions, run: TagRunOptions,
+                 summary: RunSummary, progress, should_stop):
+        self.root, self.tagger, self.opts, self.run_opts, self.summary = root, tagger, caption_opts, run, summary
+        self.progress, self.should_stop = progress, should_stop
+        self.cache = ScoreCache(run.cache_dir or default_cache_dir(), tagger.model_id, len(tagger.labels)) \
+            if run.cache else None
+        self.batch_size = tagger.fixed_batch or run.batch_size or FREE_BATCH_DEFAULT
+        self.workers = run.workers or max(1, min(4, os.cpu_count() or 1))
+        self.records: list[dict] = []
+        self.done = 0
+
+    def run(self, jobs: list[_Job]) -> None:
+        self.done = self.summary.total - len(jobs)
+        self._tick()
+        window = max(2 * self.batch_size, 2 * self.workers)  # decoded-ahead images: bounded memory
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tagger-decode")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="tagger-write")  # one thread: ordered, no locks
+        queue: collections.deque[Future] = collections.deque()
+        pending = iter(jobs)
+        batch: list[_Job] = []
+        want_hash = bool(self.run_opts.manifest)
+        try:
+            while True:
+                while len(queue) < window and (job := next(pending, None)) is not None:
+                    queue.append(pool.submit(_load, job, self.tagger, self.cache, self.run_opts.max_pixels, want_hash))
+                if not queue:
+                    break
+                job = queue.popleft().result()
+                if job.reason is not None:
+                    self.summary.skipped.append((str(job.image), job.reason))
+                    self._finished(1)
+                elif job.scores is not None:
+                    self.writer.submit(self._write, job, job.scores, False)
+                    self.summary.from_cache += 1
+                    self._finished(1)
+                else:
+                    batch.append(job)
+                    if len(batch) >= self.batch_size:
+                        self._infer(batch)
+                if self.should_stop and self.should_stop():
+                    self.summary.interrupted = True
+                    break
+            self._infer(batch)  # the rest, or on a stop request the images already decoded
+        except KeyboardInterrupt:
+            self.summary.interrupted = True
+        finally:
+            for fut in queue:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.writer.shutdown(wait=True)
+        if self.run_opts.manifest:
+            self._write_manifest()
+
+    def _tick(self) -> None:
+        if self.progress:
+            self.progress(self.done, self.summary.total)
+
+    def _finished(self, n: int) -> None:
+        self.done += n
+        self._tick()
+
+    def _infer(self, batch: list[_Job]) -> None:
+        if not batch:
+            return
+        scores = self.tagger.predict(np.stack([j.array for j in batch]))
+        for job, row in zip(batch, scores):
+            job.array = None
+            self.writer.submit(self._write, job, row, True)
+        self.summary.inferred += len(batch)
+        n = len(batch)
+        batch.clear()
+        self._finished(n)
+
+    def _write(self, job: _Job, scores: np.ndarray, inferred: bool) -> None:
+        """Writer thread: cache the scores, merge with an existing caption, write it atomically."""
+        opts, tagger = self.opts, self.tagger
+        try:
+            if self.cache is not None and inferred:
+                self.cache.put(job.key, scores)
+            merging = opts.existing_caption in ("append", "prepend")
+            existing = _read_existing(job.caption) if merging and job.caption.exists() else None
+            tags = merge_existing(caption_tags(scores, tagger.labels, opts, tagger.default_thresholds), existing, opts)
+            write_text(job.caption, join_caption(tags, opts.separator))
+        except OSError as exc:
+            self.summary.skipped.append((str(job.image), f"caption not written ({exc})"))
+            return
+        self.summary.tag_counts.update(tags)
+        self.summary.written += 1
+        if self.run_opts.manifest:
+            self.records.append(_manifest_record(job, tagger, tags, scores, opts, self.root))
+
+    def _write_manifest(self) -> None:
+        self.records.sort(key=lambda r: r["image"])
+        with atomic_open(self.run_opts.manifest, "w") as fh:
+            for rec in self.records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            for image, reason in self.summary.skipped:
+                fh.write(json.dumps({"image": image, "skipped": reason}, ensure_ascii=False) + "\n")
 
 
 def format_summary(summary: RunSummary, top: int = 20) -> str:
