@@ -4,7 +4,9 @@
     512x512 (64x64 latents) with and without one loaded ``1, 2, 1`` hypernetwork (default: the WebUI's
     Create defaults, widths 768, 320, 640, 1280, activation "linear"). Target: at most 3% slower.
     Besides the timings it prints the ratio of floating-point operations (torch's FlopCounterMode on the
-    meta device), which no other load on the machine can disturb.
+    meta device), which no other load on the machine can disturb. ``--prototype-fold`` times instead a
+    prototype that folds an affine hypernetwork (activation "linear", the WebUI default) into ``to_k``/``to_v``
+    (one Linear with bias): a proposed change to the patch, not what the library does today.
 (b) Training: one hypernetwork training step as ``HypernetworkMethod`` takes it (latents cached, model
     parameters frozen) against the naive step: the image VAE-encoded every step and the UNet's
     parameters left requiring gradients, everything else the same (same cached text conditioning, same
@@ -111,7 +113,41 @@ def flops_ratio(hn: Hypernetwork, batch: int = 2) -> float:
     return patched / base
 
 
-def bench_step(sizes: list[int], activation: str, runs: int) -> dict:
+@torch.no_grad()
+def folded_projection(proj: torch.nn.Linear, module, multiplier: float) -> torch.nn.Linear:
+    """PROTOTYPE, not used by the library: ``proj(module(x))`` as one Linear, valid when `module` is affine
+    (activation "linear", no layer norm, eval mode). module(x) = x + m * (M x + c), so
+    proj(module(x)) = W (I + m M) x + m W c."""
+    width = proj.in_features
+    c = module.linear(torch.zeros(1, width))[0]
+    m_t = module.linear(torch.eye(width)) - c  # row i = M e_i, i.e. the transpose of M
+    folded = torch.nn.Linear(width, proj.out_features, bias=True)
+    folded.weight.copy_(proj.weight + multiplier * proj.weight @ m_t.T)
+    folded.bias.copy_(multiplier * proj.weight @ c + (proj.bias if proj.bias is not None else 0))
+    return folded
+
+
+class FoldedPatch:
+    """PROTOTYPE: swap to_k/to_v of every matching attention layer for the folded Linear; restore on exit."""
+
+    def __init__(self, hn: Hypernetwork, attention, multiplier: float = 1.0):
+        self.swaps = []
+        for _, attn in attention:
+            pair = hn.layers.get(attn.to_k.in_features)
+            if pair is not None:
+                for name, module in (("to_k", pair[0]), ("to_v", pair[1])):
+                    self.swaps.append((attn, name, getattr(attn, name)))
+                    setattr(attn, name, folded_projection(getattr(attn, name), module, multiplier))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for attn, name, original in reversed(self.swaps):
+            setattr(attn, name, original)
+
+
+def bench_step(sizes: list[int], activation: str, runs: int, fold: bool = False) -> dict:
     from extensions_lib.sampling.denoiser import Denoiser, guided
 
     hn = bench_hypernetwork(sizes, activation)
@@ -131,8 +167,17 @@ def bench_step(sizes: list[int], activation: str, runs: int) -> dict:
         with apply_hypernetworks([(hn, 1.0)], adapter.attention_modules()), torch.no_grad():
             model_fn(x, sigma)
 
-    base, with_hn = alternate(plain, patched, runs)
-    return {"base": base, "hn": with_hn, "flops": flops}
+    def folded():
+        with FoldedPatch(hn, adapter.attention_modules()), torch.no_grad():
+            model_fn(x, sigma)
+
+    if fold:  # check the prototype computes what the patch does before timing it
+        with torch.no_grad(), apply_hypernetworks([(hn, 1.0)], adapter.attention_modules()):
+            reference = model_fn(x, sigma)
+        with torch.no_grad(), FoldedPatch(hn, adapter.attention_modules()):
+            error = float((model_fn(x, sigma) - reference).abs().max() / reference.abs().max())
+    base, with_hn = alternate(plain, folded if fold else patched, runs)
+    return {"base": base, "hn": with_hn, "flops": flops, "fold_error": error if fold else None}
 
 
 # ---- (b) one training step -----------------------------------------------------------------------------
@@ -223,6 +268,9 @@ def main() -> None:
     parser.add_argument("--activation", default="linear", help="activation of the hypernetwork (WebUI name)")
     parser.add_argument("--train-size", type=int, default=256, help="training image size in pixels")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--prototype-fold", action="store_true",
+                        help="(a) with an affine hypernetwork folded into the projections instead of the library's "
+                             "patch: a prototype of a proposed change, not what the library does")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,11 +279,14 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, CPU; medians of {args.runs} alternating runs")
     ok = True
     if args.part in ("step", "both"):
-        r = bench_step(sizes, args.activation, args.runs)
+        r = bench_step(sizes, args.activation, args.runs, args.prototype_fold)
         ratio = statistics.median(r["hn"]) / statistics.median(r["base"])
         pairs = statistics.median(h / b for h, b in zip(r["hn"], r["base"]))
-        print(f"(a) denoising step, SD1.5 UNet, 512x512 (64x64 latents), CFG batch 2")
+        print("(a) denoising step, SD1.5 UNet, 512x512 (64x64 latents), CFG batch 2")
         print(f"    without hypernetwork: {_fmt(r['base'])}")
+        if args.prototype_fold:
+            print(f"    PROTOTYPE folded into to_k/to_v (max relative deviation from the patch {r['fold_error']:.1e}; "
+                  "the FLOPs ratio below is the patch's):")
         print(f"    with hypernetwork:    {_fmt(r['hn'])}")
         print(f"    ratio {ratio:.3f} (median of per-run ratios {pairs:.3f}; FLOPs ratio {r['flops']:.4f}); "
               f"target <= {STEP_TARGET}: {'met' if ratio <= STEP_TARGET else 'NOT met'}")

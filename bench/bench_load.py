@@ -11,8 +11,10 @@ subprocesses, alternating, measures:
 (b) our load time against ``StableDiffusionPipeline.from_single_file(..., config=<folder>,
     torch_dtype=float16, local_files_only=True)`` (target ours <= 1.2x theirs). Both load fp16 on the CPU.
 
-Prints medians over the runs and the command to rerun. Run it alone:
+Prints medians over the runs and the command to rerun. diffusers needs ``accelerate`` for its fair (meta-device)
+loading path; install it once beside .venv (see bench/requirements.txt), then run the bench alone:
 
+    .venv/bin/pip install --no-deps --target .cache/bench-deps -r bench/requirements.txt
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_load.py
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+BENCH_DEPS = ROOT / ".cache" / "bench-deps"
+INSTALL_DEPS = f"{Path(sys.executable).parent / 'pip'} install --no-deps --target {BENCH_DEPS} -r {ROOT / 'bench' / 'requirements.txt'}"
 
 
 # --- the test file ---------------------------------------------------------------------------------------
@@ -181,10 +185,25 @@ def child(which: str, ckpt: str, config_folder: str) -> None:
                       "accelerate": has_accelerate}))
 
 
-def run_child(which: str, ckpt: Path, config_folder: Path, extra_path: str | None) -> dict:
+def child_env(extra_path: str | None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
+    return env
+
+
+def require_accelerate(extra_path: str | None) -> None:
+    """Stop before the 2 GB file is written when the children would run diffusers without accelerate."""
+    probe = subprocess.run([sys.executable, "-c", "import accelerate"], env=child_env(extra_path),
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        raise SystemExit("bench_load: diffusers needs accelerate for a fair from_single_file baseline, and it is "
+                         f"not importable{f' with --extra-path {extra_path}' if extra_path else ''}.\n"
+                         f"Install it beside the venv with:\n  {INSTALL_DEPS}\nthen rerun this command.")
+
+
+def run_child(which: str, ckpt: Path, config_folder: Path, extra_path: str | None) -> dict:
+    env = child_env(extra_path)
     out = subprocess.run([sys.executable, __file__, "--child", which, str(ckpt), str(config_folder)],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -196,14 +215,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="measurements per loader (median reported)")
     parser.add_argument("--tmp", default=None, help="folder for the 2 GB test file (default: system temp)")
-    parser.add_argument("--extra-path", default=None,
-                        help="prepended to PYTHONPATH of the children (e.g. a folder holding accelerate)")
+    parser.add_argument("--extra-path", default=str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None,
+                        help="prepended to PYTHONPATH of the children: the folder holding accelerate "
+                             f"(default: {BENCH_DEPS} when it exists)")
     parser.add_argument("--child", nargs=3, metavar=("WHICH", "CKPT", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
 
+    require_accelerate(args.extra_path)
     with tempfile.TemporaryDirectory(prefix="alchemy-bench-load-", dir=args.tmp) as tmp:
         tmp = Path(tmp)
         ckpt, folder = tmp / "sd15-random-fp16.safetensors", tmp / "diffusers-config"
@@ -239,7 +260,7 @@ def main() -> None:
     print(f"time ratio ours/diffusers (median): {ours_t / theirs_t:.3f}   target <= 1.20")
     print(f"diffusers had accelerate: {results['diffusers'][0]['accelerate']}")
     print("rerun: flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_load.py"
-          + (f" --extra-path {args.extra_path}" if args.extra_path else "")
+          + (f" --extra-path {args.extra_path}" if args.extra_path and Path(args.extra_path) != BENCH_DEPS else "")
           + (f" --runs {args.runs}" if args.runs != 3 else ""))
 
 

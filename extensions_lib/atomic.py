@@ -12,6 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from .errors import AlchemyError
+
+
+class OutputIsAFolder(AlchemyError, IsADirectoryError):
+    """The output path names an existing folder. Also an ``OSError``, so callers that skip unwritable
+    files keep doing so, while the CLI shows the message instead of a traceback."""
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -27,6 +34,8 @@ _UMASK = _read_umask()
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success it is renamed over `target`."""
     target = Path(target)
+    if target.is_dir():      # checked first: the rename would fail only after all the work was done
+        raise OutputIsAFolder("is a folder, not a file", target, "give a file name for the output")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

@@ -30,3 +30,17 @@ def test_permissions_follow_umask(tmp_path):
 
     write_text(tmp_path / "a.txt", "x")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK
+
+
+def test_output_that_is_a_folder_is_a_named_error_and_the_folder_is_kept(tmp_path):
+    from extensions_lib.errors import AlchemyError
+
+    folder = tmp_path / "out.png"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    with pytest.raises(AlchemyError) as err:
+        write_bytes(folder, b"data")
+    assert err.value.path == str(folder) and "folder" in err.value.message and err.value.fix
+    assert isinstance(err.value, OSError)  # callers that skip unwritable files still catch it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]

@@ -89,16 +89,20 @@ def test_short_hash_is_sha256_prefix(tiny_checkpoint, tiny_model):
     assert model.checkpoint_hash == expected and model.checkpoint_name == path.stem
 
 
-def test_fp16_checkpoint_loads_as_float32_on_cpu(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_half_checkpoint_loads_as_float32_on_cpu(tiny_checkpoint, tmp_path, stored):
     sd = _state_dict(tiny_checkpoint("sd1"))
-    half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    half = {k: v.to(stored) if v.is_floating_point() else v for k, v in sd.items()}
     path = tmp_path / "half.safetensors"
     save_file(half, str(path))
     model = load_model(path)
     assert model.dtype == torch.float32
     assert all(p.dtype == torch.float32 for m in model.modules().values() for p in m.parameters())
-    torch.testing.assert_close(model.unet.conv_in.weight, half["model.diffusion_model.input_blocks.0.0.weight"].float(),
-                               rtol=0, atol=0)
+    for key, param in [("model.diffusion_model.input_blocks.0.0.weight", model.unet.conv_in.weight),
+                       ("first_stage_model.decoder.conv_out.weight", model.vae.decoder.conv_out.weight),
+                       ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                        model.text_encoder.text_model.embeddings.token_embedding.weight)]:
+        torch.testing.assert_close(param, half[key].float(), rtol=0, atol=0)
     with torch.no_grad():
         out = model.predict(torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -225,3 +229,41 @@ def test_yaml_declares_v_for_an_sd1_finetune(tiny_checkpoint, tmp_path):
     model = load_model(ckpt)
     assert (model.family, model.prediction_type) == ("sd1", "v")
     assert model.config.scheduler["prediction_type"] == "v_prediction"
+
+
+def test_full_training_state_ckpt_loads_the_weights_only(tiny_checkpoint, tmp_path, monkeypatch, tiny_model):
+    """A Lightning training checkpoint: weights under "state_dict" beside optimizer state, schedulers, a
+    ModelCheckpoint callback object and the EMA copy (``model_ema.*``), as SD's own v1-5 full .ckpt has."""
+    import sys
+    import types
+
+    sd = _state_dict(tiny_checkpoint("sd1"))
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.num_updates"] = torch.tensor(1234, dtype=torch.int32)
+    sd["model_ema.diffusion_modelinput_blocks00weight"] = sd["model.diffusion_model.input_blocks.0.0.weight"] + 1
+    mod_name = "pytorch_lightning.callbacks.model_checkpoint"
+    fake = types.ModuleType(mod_name)
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": mod_name})
+    fake.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, mod_name, fake)
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.ones(3)
+    optimizer.step()
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.4.2", "state_dict": sd,
+                "callbacks": {ModelCheckpoint: ModelCheckpoint()}, "optimizer_states": [optimizer.state_dict()],
+                "lr_schedulers": [{"base_lrs": [1e-4], "last_epoch": 3}]}, path)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod_name):
+        monkeypatch.delitem(sys.modules, name)
+
+    model = load_model(path)
+    assert mod_name not in sys.modules            # nothing was imported to read it
+    reference = tiny_model("sd1")
+    for name, module in model.modules().items():
+        theirs = reference.modules()[name].state_dict()
+        for key, tensor in module.state_dict().items():
+            assert torch.equal(tensor, theirs[key]), (name, key)   # the EMA copy did not replace anything
+    assert not any(key.startswith("model_ema.") for key in model.extras)

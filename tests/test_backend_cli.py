@@ -43,3 +43,6 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["make-tiny-model", str(tmp_path / "x.bin")]) == 1
     assert "x.bin" in capsys.readouterr().err
     assert not (tmp_path / "x.bin").exists()
+    (tmp_path / "dir.safetensors").mkdir()
+    assert main(["make-tiny-model", str(tmp_path / "dir.safetensors")]) == 1
+    assert "dir.safetensors: is a folder" in capsys.readouterr().err

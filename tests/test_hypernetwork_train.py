@@ -27,7 +27,7 @@ from extensions_lib.train.batches import build_training_data
 from extensions_lib.train.dataset import to_pixels
 from extensions_lib.train.diffusion_loss import denoising_loss
 from extensions_lib.train.provenance import collect
-from extensions_lib.train.resume import load_resume_state, resume_options
+from extensions_lib.train.resume import resume_options
 
 TINY_WIDTHS = [32, 64]  # the tiny UNet's attention widths (text context and level-1 self-attention: 32; mid: 64)
 
@@ -205,8 +205,8 @@ def test_held_out_denoising_loss_falls(tmp_path, tiny_model):
 
     def held_out_loss(hn: Hypernetwork) -> float:
         with apply_hypernetworks([(hn, 1.0)], model.attention_modules()), torch.no_grad():
-            return float(np.mean([denoising_loss(model, latents, cond, generator=torch.Generator().manual_seed(s)).item()
-                                  for s in range(8)]))
+            return float(np.mean([denoising_loss(model, latents, cond, generator=torch.Generator().manual_seed(seed))
+                                  .item() for seed in range(8)]))
 
     untrained = held_out_loss(read_hypernetwork(path))
     result = train_hypernetwork(model, options(tmp_path, steps=100, learn_rate="0.005", template_file="filewords",

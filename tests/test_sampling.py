@@ -291,6 +291,9 @@ def test_save_png_writes_parameters_chunk_atomically(tmp_path):
         assert reread.text["parameters"] == "cat\nSteps: 1"
         assert np.array_equal(np.asarray(reread), np.asarray(image))
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    save_png(image, tmp_path / "out.png", extra_text={"alchemy_source_note": "own photos, ünïcode"})
+    with Image.open(tmp_path / "out.png") as reread:
+        assert reread.text == {"parameters": "cat\nSteps: 1", "alchemy_source_note": "own photos, ünïcode"}
 
 
 @pytest.mark.parametrize("bad, message", [(dict(width=100), "width"), (dict(steps=0), "steps"),

@@ -170,6 +170,10 @@ def test_saves_previews_csv_settings_and_plot(tmp_path):
     assert settings["model_hash"] == "0123456789" and settings["provenance"]["source_note"] == ""
     assert from_dict(TrainingOptions, settings) == options
     assert (log / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(log / "loss.png") as plot:     # the plot records where the run came from, too
+        assert {k: plot.text.get(k) for k in method.provenance.to_metadata()} == method.provenance.to_metadata()
 
 
 def test_cancel_token_saves_and_stops(tmp_path):

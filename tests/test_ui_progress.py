@@ -1,12 +1,15 @@
 """The host-agnostic job plumbing: the standalone runner, progress records and the JSON the browser polls."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
+import torch
 
 from extensions_lib.errors import AlchemyError, Cancelled
+from extensions_lib.host.jobs import HostJobRunner
 from extensions_lib.train.loop import train
 from extensions_lib.train.options import TrainingOptions
 from extensions_lib.ui.progress import (JobContext, ProgressBoard, downsample, format_duration, progress_payload,
@@ -21,6 +24,9 @@ def wait_until(predicate, timeout=10.0):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.005)
+
+
+RUNNERS = pytest.mark.parametrize("make_runner", [ThreadJobRunner, HostJobRunner], ids=["standalone", "webui"])
 
 
 def gated_job(gate: threading.Event, steps: int = 3):
@@ -73,6 +79,29 @@ def test_interrupt_stops_the_job_and_marks_it_cancelled():
     assert runner.progress().state in ("stopping", "cancelled")
     final = runner.wait(job_id, timeout=10)
     assert final.state == "cancelled" and final.result == "stopped"
+
+
+@RUNNERS
+def test_pressing_interrupt_again_while_the_job_saves_is_not_told_nothing_runs(make_runner):
+    runner = make_runner()
+    saving, release = threading.Event(), threading.Event()
+
+    def job_fn(options, job):
+        job.update(step=1, total=2)
+        while not job.should_stop():
+            time.sleep(0.002)
+        saving.set()
+        release.wait(10)  # writing what it has
+        return "saved"
+
+    job_id = runner.start(job_fn, None, title="long")
+    wait_until(lambda: runner.progress().step == 1)
+    assert runner.interrupt() is True
+    saving.wait(10)
+    assert runner.progress().state == "stopping" and runner.interrupt() is True
+    release.set()
+    assert runner.wait(job_id, timeout=10).state == "cancelled"
+    assert runner.interrupt() is False  # now nothing runs
 
 
 @pytest.mark.parametrize("exc, expected", [
@@ -129,6 +158,59 @@ def test_interrupting_a_training_job_saves_and_stops_at_a_step_boundary(tmp_path
     assert final.state == "cancelled" and result.cancelled and 5 <= result.step < 100000
     assert method.saved[-1][0].name == f"linear-{result.step}.pt" and method.saved[-1][0].is_file()
     assert final.loss_points == [(s, v) for s, v in result.losses]
+
+
+class InterruptingSave(LinearMethod):
+    """Presses Interrupt on its runner while it is writing the file of step `at`."""
+
+    def __init__(self, data, runner, at):
+        super().__init__(data)
+        self.runner, self.at, self.asked = runner, at, None
+
+    def save(self, path, step, optimizer_state=None):
+        if step == self.at and self.asked is None:
+            self.asked = self.runner.interrupt()
+        super().save(path, step, optimizer_state)
+
+
+def _toy_run(runner, method, options):
+    return run_job(runner, lambda o, job: train(method, o, callbacks=[job.train_callback], cancel=job.cancel),
+                   options, title="toy training", panel="train_embedding")
+
+
+@RUNNERS
+def test_interrupt_during_a_periodic_save_keeps_that_file_and_the_run_resumes_exactly(tmp_path, make_runner):
+    options = TrainingOptions(seed=3, steps=10, learn_rate="0.05", log_directory=str(tmp_path / "logs"), save_every=4,
+                              create_image_every=0, write_csv_every=0)
+    runner = make_runner()
+    method = InterruptingSave(ToyData(n=8, batch_size=2), runner, at=4)
+    final = _toy_run(runner, method, options)
+    result = final.result
+    assert method.asked is True
+    assert final.state == "cancelled" and result.cancelled and result.step == 4
+    snapshot = torch.load(result.log_dir / "snapshots" / "linear-4.pt")
+    assert snapshot["step"] == 4 and torch.equal(snapshot["w"], method.w.detach())  # written whole
+    assert not list(result.log_dir.rglob("*.tmp*"))
+    # nothing lost: resuming ends exactly where an uninterrupted run ends
+    resumed = LinearMethod(ToyData(n=8, batch_size=2))
+    train(resumed, dataclasses.replace(options, resume=str(result.resume_path)))
+    straight = LinearMethod(ToyData(n=8, batch_size=2))
+    train(straight, dataclasses.replace(options, log_directory=str(tmp_path / "straight")))
+    assert torch.equal(resumed.w, straight.w)
+
+
+@RUNNERS
+def test_interrupt_during_the_final_save_reports_the_finished_run(tmp_path, make_runner):
+    """The Interrupt came too late to cut the run short: it finished, and the tab must say so."""
+    options = TrainingOptions(seed=3, steps=10, learn_rate="0.05", log_directory=str(tmp_path / "logs"), save_every=4,
+                              create_image_every=0, write_csv_every=0)
+    runner = make_runner()
+    method = InterruptingSave(ToyData(n=8, batch_size=2), runner, at=10)
+    final = _toy_run(runner, method, options)
+    result = final.result
+    assert method.asked is True and not result.cancelled and result.step == 10
+    assert final.state == "done" and status_line(final).startswith("Finished: toy training (10/10 steps")
+    assert torch.load(result.final_path)["step"] == 10
 
 
 def test_speed_and_eta_come_from_the_updates():

@@ -194,3 +194,59 @@ def test_model_loaded_before_scripts_is_picked_up(tmp_path, tiny_checkpoint):
         db = host.sd_hijack.model_hijack.embedding_db
         assert "zqxstyle" in db.word_embeddings
         assert str(folder) in db.embedding_dirs
+
+
+def test_hosts_before_1_9_take_no_callback_names(tmp_path):
+    """Registrars of older hosts accept only the callback: we register anyway, once each."""
+    with standin_host(tmp_path) as host:
+        for category in OUR_CALLBACKS:
+            newer = getattr(host.script_callbacks, f"on_{category}")
+            setattr(host.script_callbacks, f"on_{category}", lambda callback, _newer=newer: _newer(callback))
+        extension = _extension(host)
+        assert host.scripts.load_errors == [] and extension.h.missing_callbacks == []
+        for category in OUR_CALLBACKS:
+            (callback,) = _ours(host, category)
+            assert callback.name == f"alchemy.py/{category}"
+
+
+def test_what_a_missing_callback_or_module_turns_off_is_said_in_our_tab(tmp_path, caplog):
+    with standin_host(tmp_path, missing=("on_app_started",)) as host:
+        extension = _extension(host)
+        notes = " ".join(extension.notes())
+        assert "script_callbacks.on_app_started" in notes and "Without on_app_started: no live progress" in notes
+    caplog.clear()
+    with standin_host(tmp_path, missing=("modules.shared",)) as host:
+        extension = _extension(host)
+        host.script_callbacks.ui_settings_callback()
+        assert host.script_callbacks.errors == []
+        assert not [r for r in caplog.records if r.name == "alchemy" and r.levelname == "ERROR"]  # no traceback
+        notes = " ".join(extension.notes())
+        assert "modules.shared" in notes and "Without on_ui_settings: no Alchemy section in Settings" in notes
+
+
+@pytest.mark.needs_gradio
+def test_tabs_without_a_loaded_checkpoint_say_so_and_write_nothing(tmp_path):
+    gr = pytest.importorskip("gradio")
+    with standin_host(tmp_path) as host:
+        host.load_scripts()
+        with gr.Blocks() as demo:
+            with gr.Tabs(elem_id="train_tabs"):
+                host.script_callbacks.ui_train_tabs_callback(host.script_callbacks.UiTrainTabParams([]))
+        assert host.script_callbacks.errors == []
+        blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+
+        def click(button_id, first_value):
+            button = blocks[button_id]
+            for dep, fn in zip(demo.dependencies, demo.fns):
+                if button._id in dep["targets"] and dep["trigger"] == "click":
+                    values = [demo.blocks[i].value for i in dep["inputs"]]
+                    return fn.fn(first_value, *values[1:])
+            raise AssertionError(button_id)
+
+        for button, name in (("alchemy_create_embedding_start", "newemb"), ("alchemy_train_embedding_start", "newemb"),
+                             ("alchemy_train_hypernetwork_start", "newhn")):
+            out = click(button, name)
+            text = out if isinstance(out, str) else out[0]
+            assert text.startswith("Failed:") and "no Stable Diffusion checkpoint is loaded" in text, text
+            assert "choose a checkpoint at the top of the WebUI" in text
+        assert not (tmp_path / "embeddings").exists() and not (tmp_path / "textual_inversion").exists()

@@ -1,6 +1,7 @@
 """Our embeddings and the hypernetwork toggle inside the (stand-in) WebUI's own generation path."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from extensions_lib.formats.embedding import Embedding, write_embedding
@@ -185,3 +186,52 @@ def test_a_toggle_naming_a_missing_file_is_reported_and_the_generation_goes_on(t
         p, out = run_txt2img(host, model)
         assert torch.isfinite(out).all() and host.shared.loaded_hypernetworks == []
         assert any("Settings > Alchemy (vanished)" in report for report in host.errors.reported)
+
+
+def _train_hn(extension, name, data):
+    from extensions_lib.hypernetworks.train_options import HypernetworkTrainOptions
+    from extensions_lib.ui.training_jobs import TrainRequest, train_hypernetwork_file
+
+    options = HypernetworkTrainOptions(hypernetwork_name=name, data_root=str(data), training_width=64,
+                                       training_height=64, steps=2, learn_rate="1e-3", save_every=0,
+                                       create_image_every=0, seed=7, template_file="filewords", write_csv_every=0)
+    runner = extension.runner
+    p = runner.wait(runner.start(train_hypernetwork_file, TrainRequest(options, extension.context()),
+                                 title=f"Training {name}", panel="train_hypernetwork"), 300)
+    assert p.state == "done", p.error
+    return [loss for _step, loss in p.loss_points]
+
+
+@pytest.mark.parametrize("host_path", [True, False], ids=["host-hypernet", "our-patch"])
+def test_training_inside_the_host_runs_without_the_toggles_hypernetwork(tmp_path, tiny_checkpoint, tiny_model,
+                                                                       host_path):
+    """The toggle's network, loaded by the last generation, must not act inside a training run (the WebUI's own
+    hypernetwork training empties shared.loaded_hypernetworks too), and after the run the next generation
+    uses the file as trained, not the object loaded before."""
+    from train_fakes import make_folder
+
+    ref = tiny_model("sd1")
+    ours = tmp_path / "ours"
+    with standin_host(tmp_path) as host:
+        hn_path = make_hypernetwork(ours, "hnet")
+        make_hypernetwork(ours, "twin")  # the same weights under another name
+        host.shared.opts.data.update(alchemy_hypernetworks_dir=str(ours), alchemy_hypernetwork_strength=1.0)
+        if not host_path:
+            host.extra_networks.extra_network_registry.pop("hypernet")
+        extension = load_extension(host)
+        assert extension.hypernetworks.host_path is host_path
+        model = host.load_model(tiny_checkpoint("sd1"))
+        data = make_folder(tmp_path / "data", n=2, size=(64, 64))
+        clean = _train_hn(extension, "twin", data)  # nothing else on the model
+
+        before = tmp_path / "hnet-before.pt"
+        before.write_bytes(hn_path.read_bytes())
+        host.shared.opts.data.update(alchemy_hypernetwork="hnet")
+        run_txt2img(host, model)  # the toggle's network is now on the model (host list or our patch)
+        assert extension.hypernetworks.patched != host_path and bool(host.shared.loaded_hypernetworks) == host_path
+        assert _train_hn(extension, "hnet", data) == pytest.approx(clean, rel=1e-6)
+        assert host.shared.loaded_hypernetworks == [] and not extension.hypernetworks.patched
+
+        _p, out = run_txt2img(host, model)
+        same(out, reference_output(ref, hn_path, 1.0))  # read from the trained file
+        assert not torch.allclose(out, reference_output(ref, before, 1.0), rtol=0, atol=1e-5)

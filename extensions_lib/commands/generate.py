@@ -24,6 +24,9 @@ class Txt2ImgCommand:
                                           "<hypernet:NAME:MULT> in the prompt")
     hypernetwork_dir: Path = option(Path("models/hypernetworks"), ui=False,
                                     help="folder of hypernetworks (searched recursively)")
+    embeddings_dir: Optional[Path] = option(None, ui=False,
+                                            help="folder of textual-inversion embeddings (searched recursively); "
+                                                 "their file names become prompt words")
 
 
 def register(subparsers) -> None:
@@ -59,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = command.device if command.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     adapter = load_model(command.ckpt, device=device)
-    with hypernets.applied(adapter), tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
-        images = generate_from(adapter, replace(opts, prompt=hypernets.prompt), callback=lambda info: bar.update(1),
-                               extra_params=hypernets.infotext)
+    from .embedding import Txt2ImgEmbeddings
+    embeddings = Txt2ImgEmbeddings(adapter, command.embeddings_dir)
+    opts = replace(opts, prompt=hypernets.prompt)
+    with hypernets.applied(adapter), embeddings, tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
+        images = generate_from(adapter, opts, callback=lambda info: bar.update(1), encode_fn=embeddings.encode_fn,
+                               extra_params={**hypernets.infotext, **embeddings.infotext([opts.prompt, opts.negative])})
     for image, path in zip(images, paths):
         save_png(image, path)
         print(path)

@@ -76,7 +76,8 @@ def training_options(args: argparse.Namespace):
     from ..train.resume import resume_options
 
     if args.resume:
-        return resume_options(args.resume, HypernetworkTrainOptions, _given(HypernetworkTrainOptions, args, ("resume",)))
+        overrides = _given(HypernetworkTrainOptions, args, skip=("resume",))
+        return resume_options(args.resume, HypernetworkTrainOptions, overrides)
     return from_dict(HypernetworkTrainOptions, _given(HypernetworkTrainOptions, args), source="command line")
 
 
@@ -131,7 +132,8 @@ def parse_hypernetwork_flag(text: str) -> tuple[str, float]:
 
     _, found = parse_hypernet_tags(f"<hypernet:{text}>")
     if not found or not found[0][0]:
-        raise AlchemyError(f"option --hypernetwork {text!r} is not NAME or NAME:MULTIPLIER", fix="e.g. --hypernetwork anime:0.8")
+        raise AlchemyError(f"option --hypernetwork {text!r} is not NAME or NAME:MULTIPLIER",
+                           fix="e.g. --hypernetwork anime:0.8")
     return found[0]
 
 

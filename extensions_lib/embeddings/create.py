@@ -13,7 +13,6 @@ while the text encoder is offloaded to the CPU and the UNet sits on a GPU (the h
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -24,7 +23,6 @@ from ..prompt import CHUNK_LENGTH
 from .library import EmbeddingLibrary
 from .patch import unwrap
 
-_NAME_CHARS = re.compile(r"^[A-Za-z0-9._\- ]+$")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 MAX_NAME_LENGTH = 200
 
@@ -38,8 +36,8 @@ def check_name(name: str) -> str:
     what = None
     if not name or not name.strip():
         what = "is empty"
-    elif not _NAME_CHARS.match(name) or not any(ch.isalnum() for ch in name):
-        bad = sorted({ch for ch in name if not (ch.isalnum() and ch.isascii()) and ch not in "._- "})
+    elif not all(ch.isalnum() or ch in "._- " for ch in name) or not any(ch.isalnum() for ch in name):
+        bad = sorted({ch for ch in name if not ch.isalnum() and ch not in "._- "})
         what = (f"contains characters a file name cannot safely hold ({' '.join(map(repr, bad))})" if bad
                 else "has no letter or digit")
     elif name != name.strip() or name.endswith("."):

@@ -98,7 +98,7 @@ class TextualInversion:
         return encode_prompts(self.adapter, list(prompts), clip_skip=self.options.clip_skip, matcher=self.matcher)
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
-        self._check_prompts(batch.prompts)
+        self.check_prompts(batch.prompts)
         self.last_prompts = list(batch.prompts)
         cond = self.conditioning(batch.prompts)
         on_device = batch.to(self.device)
@@ -167,7 +167,7 @@ class TextualInversion:
             save_embedding_image(embedding, path, preview=image, pixels=False)
 
     # --- checks --------------------------------------------------------------------------------------
-    def _check_prompts(self, prompts: Sequence[str]) -> None:
+    def check_prompts(self, prompts: Sequence[str]) -> None:
         """Every training prompt must contain the name as the tokenizer splits it, else it trains nothing."""
         for prompt in prompts:
             if prompt in self._checked_prompts:
@@ -209,8 +209,12 @@ def prepare(adapter, options: EmbeddingTrainOptions,
     entry = EmbeddingLibrary.for_model(options.embeddings_dir, adapter).entry(options.embedding_name)
     data = build_training_data(adapter, options, name=entry.name, require_name=True, on_progress=on_progress)
     provenance = collect(adapter, data.dataset, source_note=options.source_note, method="textual_inversion")
-    return TextualInversion(adapter, options, entry.embedding, data, provenance,
-                            final_path=final_path_for(entry.path))
+    method = TextualInversion(adapter, options, entry.embedding, data, provenance,
+                              final_path=final_path_for(entry.path))
+    caption = data.dataset.entries[0].caption
+    method.check_prompts([line.replace("[filewords]", caption).replace("[name]", entry.name)
+                          for line in data.template.lines])
+    return method
 
 
 def train_embedding(adapter, options: EmbeddingTrainOptions, callbacks=(), cancel=None,

@@ -11,7 +11,9 @@ against a stand-in host and keeps working (with a clear "unsupported" message) w
 - ``settings``: our settings section (hypernetwork toggle, folders, tagger and training defaults), rendered
   from the option dataclasses.
 - ``wiring``: embeddings through the host's embedding database, the hypernetwork toggle through the host's
-  ``loaded_hypernetworks`` (or our own patch where the host has none), infotext.
+  ``loaded_hypernetworks`` (or our own patch where the host has none), infotext; both set aside while a
+  training job uses the model.
 - ``jobs``: one long job at a time through the host's GPU queue and ``shared.state``.
-- ``services``: the operations the tabs and the HTTP API share; ``api``: the FastAPI routes.
+- ``api``: the FastAPI routes, running the same job functions as the tabs (``extensions_lib.ui.dataset_jobs``,
+  ``extensions_lib.ui.training_jobs``).
 """

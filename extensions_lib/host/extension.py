@@ -24,6 +24,13 @@ TAB_TITLE = "Alchemy"
 TAB_ID = "alchemy"
 TRAIN_TAB_PREFIX = "Alchemy: "
 STOP_ON_UNLOAD_S = 30.0
+WITHOUT_CALLBACK = {
+    "on_app_started": "no live progress while a job runs and no HTTP API (each tab still shows how its job ended)",
+    "on_script_unloaded": "Reload UI cannot take the hypernetwork toggle's patch off the model (restart the WebUI "
+                          "after turning the toggle off)",
+    "on_ui_settings": "no Alchemy section in Settings (the declared defaults apply)",
+}
+"""What the user loses when the host lacks a callback (``on_model_loaded`` is covered by the checks at use)."""
 
 
 class AlchemyExtension:
@@ -32,7 +39,7 @@ class AlchemyExtension:
         self.watch = ModelWatch(handles.current_model, handles.device)
         self.runner = HostJobRunner(state=getattr(handles.shared, "state", None),
                                     gpu_call=getattr(handles.call_queue, "wrap_gradio_gpu_call", None),
-                                    watch=self.watch)
+                                    watch=self.watch, on_model_use=self._job_takes_model)
         self.embeddings = EmbeddingWiring(handles.embedding_db, handles.model_loaded)
         self.hypernetworks = HypernetworkWiring(handles.shared, self.hypernetwork_library, self.watch.adapter,
                                                 handles.has_hypernetwork_path())
@@ -91,8 +98,13 @@ class AlchemyExtension:
 
     # --- settings --------------------------------------------------------------------------------------
     def on_ui_settings(self) -> None:
+        if not self.settings_supported():
+            return  # notes() says so in our tab
         settings = st.all_settings(self.hypernetworks.choices, self.hypernetworks.refresh)
         st.register(self.h.shared, settings)
+
+    def settings_supported(self) -> bool:
+        return hasattr(self.opts, "add_option") and hasattr(self.h.shared, "OptionInfo")
 
     # --- tabs --------------------------------------------------------------------------------------------
     def on_ui_train_tabs(self, params: Any) -> None:
@@ -136,13 +148,22 @@ class AlchemyExtension:
         if "on_ui_train_tabs" in self.h.missing_callbacks:
             out.append("This WebUI's Train tab takes no extension sub-tabs (script_callbacks.on_ui_train_tabs is "
                        "missing), so Alchemy's training tabs are here.")
-        if self.h.missing:
+        if self.h.missing or set(self.h.missing_callbacks) - {"on_ui_train_tabs"}:
             out.append("Parts of this WebUI Alchemy needs are missing: " + self.h.summary())
+        lost = [name for name in self.h.missing_callbacks if name in WITHOUT_CALLBACK]
+        if not self.settings_supported() and "on_ui_settings" not in lost:
+            lost.append("on_ui_settings")
+        out += [f"Without {name}: {WITHOUT_CALLBACK[name]}." for name in lost]
         if self.embeddings.unsupported:
             out.append(self.embeddings.unsupported)
         return out + self.problems
 
     # --- model and script life cycle -------------------------------------------------------------------
+    def _job_takes_model(self) -> None:
+        """A job (training, creating an embedding) starts using the model: the toggle's hypernetworks must
+        not act on it meanwhile; the next generation applies them again, from the files as they are then."""
+        self.hypernetworks.set_aside()
+
     def on_model_loaded(self, sd_model: Any) -> None:
         self.watch.model_loaded(sd_model)
         self.hypernetworks.model_loaded(sd_model)

@@ -12,6 +12,8 @@ endpoint under our task id), the host calls ``shared.state.begin``/``end`` aroun
   Interrupt sets ``shared.state.interrupted``, or when the model it started with is no longer the current
   one (another checkpoint selected or reloaded: see :class:`~extensions_lib.host.webui_adapter.ModelWatch`);
 - a second job while one is queued or running is refused with :class:`Busy` saying which job runs.
+- a job that takes the model first has the extension set aside what acts on it at generation time (the
+  hypernetwork toggle), as the WebUI's own training does.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Any, Callable
 
 from ..errors import AlchemyError, Cancelled
 from ..ui.progress import JobContext, JobProgress, ProgressBoard
-from ..ui.thread_runner import describe_error
+from ..ui.thread_runner import describe_error, ended_early
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +95,16 @@ class HostJobRunner:
 
     state: the host's ``shared.state`` (or None). gpu_call: the host's ``call_queue.wrap_gradio_gpu_call``
     (or None: then the job runs without queueing, e.g. on hosts without it). watch: a ``ModelWatch``; jobs
-    stop when the model they started with changes.
+    stop when the model they started with changes. on_model_use: called once per job, inside the queue, when
+    the job first takes the model (the extension takes its generation-time patches off it then).
     """
 
-    def __init__(self, state: Any = None, gpu_call: Callable | None = None, watch: Any = None):
+    def __init__(self, state: Any = None, gpu_call: Callable | None = None, watch: Any = None,
+                 on_model_use: Callable[[], None] | None = None):
         self.state = state
         self.gpu_call = gpu_call
         self.watch = watch
+        self.on_model_use = on_model_use
         self.board = _StateBoard()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -181,12 +186,11 @@ class HostJobRunner:
             self.state.job = "alchemy"
             self.state.job_count = -1
         if self.watch is not None:  # only a job that takes the model stops when the model changes
-            self.watch.listener = stop.model_used
+            self.watch.listener = self._model_listener(stop)
         job = JobContext(self.board, stop, on_preview=self._show_preview)
         try:
             result = outcome["result"] = job_fn(options, job)
-            said = getattr(result, "cancelled", getattr(result, "interrupted", None))  # TrainResult, RunSummary
-            outcome["cancelled"] = bool(said) if said is not None else stop.event.is_set()
+            outcome["cancelled"] = ended_early(result, stop.event.is_set())
         except Cancelled:
             outcome["cancelled"] = True
         except BaseException as exc:  # noqa: BLE001 — reported on the board, not as the host's error HTML
@@ -197,6 +201,14 @@ class HostJobRunner:
             self.board.host_state = None
             if self.watch is not None:
                 self.watch.listener = None
+
+    def _model_listener(self, stop: _Stop) -> Callable[[tuple[int, int]], None]:
+        def took(token) -> None:
+            first = stop.model_token is None
+            stop.model_used(token)
+            if first and self.on_model_use is not None:
+                self.on_model_use()
+        return took
 
     def _finish(self, outcome: dict) -> None:
         self.last_error = outcome.get("error")

@@ -237,6 +237,15 @@ class HypernetworkWiring:
             except AlchemyError as exc:  # e.g. the file is gone: the next generation reports it
                 log.warning("Alchemy: hypernetwork toggle not re-applied: %s", exc.message)
 
+    def set_aside(self) -> None:
+        """Before a training job uses the model: take off our patch and empty the host's
+        ``shared.loaded_hypernetworks`` (the WebUI's own hypernetwork training empties it too). Otherwise
+        the network the last generation loaded would act inside the training (twice over when training that
+        same network), and the host would keep reusing that stale object after we rewrote its file."""
+        self.undo()
+        if isinstance(getattr(self.shared, "loaded_hypernetworks", None), list):
+            self.shared.loaded_hypernetworks = []  # a new list: the host reads the attribute at every use
+
     def undo(self) -> None:
         if self._patch is not None:
             self._patch.unpatch()

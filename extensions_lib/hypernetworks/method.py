@@ -6,10 +6,11 @@ puts only the hypernetwork in training mode (its dropout on, multiplier 1) and r
 :func:`extensions_lib.train.loop.train` with a :class:`HypernetworkMethod`; afterwards the patch is
 removed and the model's flags are restored exactly.
 
-What differs from the WebUI, on purpose: the text conditioning of static prompts is cached per prompt
-(the WebUI caches it per image too), the trained file goes back to the path it was read from (the WebUI
-writes ``<hypernetwork dir>/<name>.pt`` even when the file came from a subfolder), and files carry our
-provenance under one extra key the host's loader ignores.
+As in the WebUI, the text conditioning is computed once when prompts are static (one template line, no
+tag shuffling or dropout) and each step otherwise. What differs, on purpose: the trained file goes back
+to the path it was read from (the WebUI writes ``<hypernetwork dir>/<name>.pt`` even when the file came
+from a subfolder, which then lists the name twice), files carry our provenance under one extra key the
+host's loader ignores, and no gradient checkpointing is switched on (the WebUI's trades speed for memory).
 """
 from __future__ import annotations
 

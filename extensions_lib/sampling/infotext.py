@@ -40,11 +40,17 @@ def infotext(prompt: str, negative: str, params: Mapping[str, Any]) -> str:
     return f"{prompt}{negative_line}\n{line}".strip()
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> None:
-    """Write `image` atomically as PNG with the "parameters" text chunk (default: ``image.info``)."""
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None,
+             extra_text: Mapping[str, str] | None = None) -> None:
+    """Write `image` atomically as PNG with the "parameters" text chunk (default: ``image.info``).
+
+    extra_text: more text chunks, e.g. a training preview's ``Provenance.to_metadata()``.
+    """
     parameters = image.info.get("parameters") if parameters is None else parameters
     pnginfo = PngImagePlugin.PngInfo()
     if parameters:
         pnginfo.add_text("parameters", parameters)
+    for key, value in (extra_text or {}).items():
+        pnginfo.add_text(key, str(value))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=pnginfo)

@@ -318,6 +318,7 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
         write_settings(log_dir, method, options, initial_step)
     stop_at = min(options.steps, schedule.end_step)
     speed = _Speed()
+    plot_metadata = method.provenance.to_metadata()
 
     def report(loss=None, lr=0.0, saved=None, preview=None, message=""):
         if not callbacks:
@@ -390,7 +391,7 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
             if options.save_every and run.step % options.save_every == 0 and run.step < stop_at:
                 saved = save_file(run.step)
                 save_resume()
-                if not plot_losses(run.losses, log_dir / "loss.png", method.name):
+                if not plot_losses(run.losses, log_dir / "loss.png", method.name, plot_metadata):
                     message = "loss plot skipped: matplotlib is not installed"
             if options.create_image_every and run.step % options.create_image_every == 0:
                 with torch.no_grad(), global_rng_preserved():
@@ -406,7 +407,7 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
             if options.save_every and run.step % options.save_every == 0 and run.step > initial_step:
                 save_file(run.step)  # the last periodic copy too, as the WebUI writes both
         resume_path = save_resume()
-        plotted = plot_losses(run.losses, log_dir / "loss.png", method.name)
+        plotted = plot_losses(run.losses, log_dir / "loss.png", method.name, plot_metadata)
         report(loss=run.losses[-1][1] if run.losses else None, lr=schedule.value_or_last(max(run.step - 1, 0)),
                saved=last_saved, message=(f"stopped at step {run.step}" if cancelled else "finished") +
                ("" if plotted else "; loss plot skipped: matplotlib is not installed"))

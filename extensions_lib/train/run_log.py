@@ -56,8 +56,10 @@ def append_csv(path: Path, row: list) -> None:
         fh.write(line)
 
 
-def plot_losses(losses: Sequence[tuple[int, float]], target: Path, title: str = "") -> bool:
-    """Write the loss curve (raw and a running mean) as PNG; False when matplotlib is not installed."""
+def plot_losses(losses: Sequence[tuple[int, float]], target: Path, title: str = "",
+                metadata: dict[str, str] | None = None) -> bool:
+    """Write the loss curve (raw and a running mean) as PNG with `metadata` as text chunks (the run's
+    provenance); False when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -80,7 +82,7 @@ def plot_losses(losses: Sequence[tuple[int, float]], target: Path, title: str = 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata=metadata)
     return True
 
 

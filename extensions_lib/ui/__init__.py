@@ -24,7 +24,7 @@ Progress: ``javascript/alchemy.js`` polls ``GET alchemy/progress`` and ``GET alc
 add them to the server with :func:`.routes.add_progress_routes(app, runner)` (the WebUI glue: in
 ``on_app_started``). The JSON is :func:`.progress.progress_payload`; element ids are ``alchemy_*``.
 
-The jobs themselves (``dataset_jobs``, ``embedding_jobs``, ``hypernetwork_jobs``, ``generate_job``) do not
+The jobs themselves (``dataset_jobs``, ``training_jobs``, ``generate_job``) do not
 need gradio: ``fn(request, job)`` with a request dataclass, so the HTTP API can run the same processing.
 """
 from __future__ import annotations

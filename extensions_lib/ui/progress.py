@@ -184,8 +184,10 @@ class ProgressBoard:
             self._p.preview_version += 1
 
     def stopping(self) -> bool:
-        """Mark the running job as asked to stop; False when none runs."""
+        """Mark the running job as asked to stop; False when none runs (a job already stopping still runs)."""
         with self._lock:
+            if self._p.state == "stopping":
+                return True
             if self._p.state not in ("queued", "running"):
                 return False
             self._p.state = "stopping"

@@ -23,6 +23,15 @@ def describe_error(exc: BaseException) -> str:
     return f"unexpected error: {type(exc).__name__}: {exc} (details in the console log)"
 
 
+def ended_early(result: Any, stop_requested: bool) -> bool:
+    """Whether a job that returned `result` stopped short of its work. A result that says so is believed
+    (``TrainResult.cancelled``, the tagger's ``RunSummary.interrupted``): an Interrupt that arrives while a
+    run writes its final file comes too late to cut it short, and the run did finish. Other results: whether
+    a stop was asked for."""
+    said = getattr(result, "cancelled", getattr(result, "interrupted", None))
+    return bool(said) if said is not None else stop_requested
+
+
 class ThreadJobRunner:
     """Runs ``job_fn(options, job)`` on a daemon thread; refuses a second job while one runs."""
 
@@ -61,7 +70,7 @@ class ThreadJobRunner:
                 log.exception("job %s failed", job.board.snapshot().title)
             self.board.finish("failed", error=describe_error(exc))
         else:
-            self.board.finish("cancelled" if job.should_stop() else "done", result=result)
+            self.board.finish("cancelled" if ended_early(result, job.should_stop()) else "done", result=result)
         finally:
             done.set()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import traceback
 
@@ -68,7 +69,7 @@ class Script:
         need_tabname = self.show(True) == self.show(False)
         tabkind = 'img2img' if self.is_img2img else 'txt2img'
         tabname = f"{tabkind}_" if need_tabname else ""
-        title = "".join(c for c in self.title().lower() if c.isalnum() or c == "_" or c == " ").replace(" ", "_")
+        title = re.sub(r'[^a-z_0-9]', '', re.sub(r'\s', '_', self.title().lower()))
         return f'script_{tabname}{title}_{item_id}'
 
 
