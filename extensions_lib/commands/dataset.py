@@ -59,18 +59,18 @@ def run_tag(args: argparse.Namespace) -> int:
         raise AlchemyError("no tagger model given", fix="pass --model FOLDER (model.onnx + selected_tags.csv)")
     folder = tagger_models.resolve_model(run.model, models_dir, download=run.download, report=_say)
     tagger = tagger_models.load_tagger(folder, device=run.device, device_id=run.device_id, report=_say)
-    bar = tqdm(total=0, unit="img", desc="tagging", dynamic_ncols=True)
+    bars: list = []  # created on the first report, when the number of images is known
 
     def progress(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-            bar.refresh()
-        bar.update(done - bar.n)
+        if not bars:
+            bars.append(tqdm(total=total, initial=done, unit="img", desc="tagging", dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
 
     try:
         summary = tag_directory(args.dir, tagger, caption, run, progress=progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
         tagger.unload()
     print(format_summary(summary, run.summary_top))
     return 130 if summary.interrupted else 0
