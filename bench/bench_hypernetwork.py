@@ -21,6 +21,7 @@ Run alone (other benchmarks take the same lock):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import random
 import statistics
@@ -128,23 +129,27 @@ def folded_projection(proj: torch.nn.Linear, module, multiplier: float) -> torch
 
 
 class FoldedPatch:
-    """PROTOTYPE: swap to_k/to_v of every matching attention layer for the folded Linear; restore on exit."""
+    """PROTOTYPE: folded to_k/to_v for every matching attention layer, computed once (as a patch would be at
+    load time); ``with patch.swapped():`` puts them in place and restores the originals on exit."""
 
     def __init__(self, hn: Hypernetwork, attention, multiplier: float = 1.0):
-        self.swaps = []
+        self.folded = []
         for _, attn in attention:
             pair = hn.layers.get(attn.to_k.in_features)
             if pair is not None:
                 for name, module in (("to_k", pair[0]), ("to_v", pair[1])):
-                    self.swaps.append((attn, name, getattr(attn, name)))
-                    setattr(attn, name, folded_projection(getattr(attn, name), module, multiplier))
+                    self.folded.append((attn, name, folded_projection(getattr(attn, name), module, multiplier)))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for attn, name, original in reversed(self.swaps):
-            setattr(attn, name, original)
+    @contextlib.contextmanager
+    def swapped(self):
+        originals = [(attn, name, getattr(attn, name)) for attn, name, _ in self.folded]
+        for attn, name, folded in self.folded:
+            setattr(attn, name, folded)
+        try:
+            yield
+        finally:
+            for attn, name, original in originals:
+                setattr(attn, name, original)
 
 
 def bench_step(sizes: list[int], activation: str, runs: int, fold: bool = False) -> dict:
@@ -167,14 +172,16 @@ def bench_step(sizes: list[int], activation: str, runs: int, fold: bool = False)
         with apply_hypernetworks([(hn, 1.0)], adapter.attention_modules()), torch.no_grad():
             model_fn(x, sigma)
 
+    folding = FoldedPatch(hn, adapter.attention_modules()) if fold else None
+
     def folded():
-        with FoldedPatch(hn, adapter.attention_modules()), torch.no_grad():
+        with folding.swapped(), torch.no_grad():
             model_fn(x, sigma)
 
     if fold:  # check the prototype computes what the patch does before timing it
         with torch.no_grad(), apply_hypernetworks([(hn, 1.0)], adapter.attention_modules()):
             reference = model_fn(x, sigma)
-        with torch.no_grad(), FoldedPatch(hn, adapter.attention_modules()):
+        with torch.no_grad(), folding.swapped():
             error = float((model_fn(x, sigma) - reference).abs().max() / reference.abs().max())
     base, with_hn = alternate(plain, folded if fold else patched, runs)
     return {"base": base, "hn": with_hn, "flops": flops, "fold_error": error if fold else None}

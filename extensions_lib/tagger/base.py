@@ -30,6 +30,7 @@ class Tagger(Protocol):
     labels: Labels
     input_size: int
     fixed_batch: int | None      # the model's own batch size when it cannot change, else None
+    on_gpu: bool                 # runs on an accelerator (bigger batches pay off)
     default_thresholds: tuple[float, float]
 
     def prepare(self, image: Image.Image) -> np.ndarray: ...

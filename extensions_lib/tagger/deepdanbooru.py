@@ -241,6 +241,10 @@ class DeepDanbooruTagger:
         if report:
             report(f"DeepDanbooru: {len(self.labels)} tags on {self.device}")
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
     def prepare(self, image: Image.Image) -> np.ndarray:
         return deepdanbooru_input(image, self.input_size)
 

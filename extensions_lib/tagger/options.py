@@ -75,8 +75,8 @@ class TagRunOptions:
     output_dir: Optional[Path] = option(None, help="write captions here, mirroring the input folders, "
                                                    "instead of beside each image", ui=False)
     caption_extension: str = option(".txt", help="caption file extension")
-    batch_size: int = option(0, help="images per model call; 0 = 8 for models with a free batch size, the "
-                                     "model's own for fixed-batch models", minimum=0)
+    batch_size: int = option(0, help="images per model call; 0 = automatic (4 on CPU, 16 on GPU; fixed-batch "
+                                     "models always get their own)", minimum=0)
     workers: int = option(0, help="image decoding threads; 0 = automatic", minimum=0)
     cache: bool = option(True, help="cache raw scores per (image content, model) so changed thresholds or "
                                     "filters re-caption without running the model")

@@ -121,6 +121,10 @@ class Wd14Tagger:
         self.output_name = matching[0].name
 
     @property
+    def on_gpu(self) -> bool:
+        return self.session is not None and self.session.get_providers()[0] != "CPUExecutionProvider"
+
+    @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers()) if self.session is not None else []
 
