@@ -103,7 +103,8 @@ def test_escaping():
 def test_exclude_ignores_case_underscores_escaping_and_allows_regex():
     assert caption(exclude=["Long Hair", r"HAT \(OBJECT\)", "/open.*/"]) == \
         "hatsune miku (vocaloid), 1girl, solo, smile, ^_^"
-    assert caption(exclude=["long_hair, smile"]) == "hatsune miku (vocaloid), 1girl, solo, hat (object), ^_^, open mouth"
+    assert caption(exclude=["long_hair, smile"]) == \
+        "hatsune miku (vocaloid), 1girl, solo, hat (object), ^_^, open mouth"
     assert caption(exclude=["/.*_\\(.*\\)/"]) == "1girl, solo, long hair, smile, ^_^, open mouth"
 
 

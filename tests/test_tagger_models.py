@@ -23,7 +23,8 @@ def models_dir(tmp_path_factory):
 
 
 def test_folders_are_found_and_told_apart(models_dir):
-    assert tm.list_models(models_dir) == {"deepdanbooru": models_dir / "deepdanbooru", "my-wd14": models_dir / "my-wd14"}
+    assert tm.list_models(models_dir) == {"deepdanbooru": models_dir / "deepdanbooru",
+                                          "my-wd14": models_dir / "my-wd14"}
     assert tm.model_kind(models_dir / "my-wd14") == "wd14"
     assert tm.model_kind(models_dir / "deepdanbooru") == "deepdanbooru"
     assert tm.model_kind(models_dir / "empty") is None

@@ -151,13 +151,14 @@ def _manifest_record(job: _Job, tagger: Tagger, tags: list[str], scores: np.ndar
     labels = tagger.labels
     floor = min(MANIFEST_FLOOR, *thresholds(scores, labels, opts, tagger.default_thresholds))
     above = np.flatnonzero((scores >= floor) & (labels.categories != RATING))
+    above = above[np.argsort(-scores[above], kind="stable")]
     return {
         "image": job.image.relative_to(root).as_posix(),
         "caption": job.caption.as_posix(),
         "sha256": job.key,
         "tags": tags,
         "ratings": {labels.names[i]: round(float(scores[i]), 6) for i in labels.indices(RATING)},
-        "scores": {labels.names[i]: round(float(scores[i]), 6) for i in above[np.argsort(-scores[above], kind="stable")]},
+        "scores": {labels.names[i]: round(float(scores[i]), 6) for i in above},
     }
 
 
