@@ -105,6 +105,21 @@ def test_prompt_tags_come_first_and_flags_do_not_repeat_them(tmp_path):
         txt2img_hypernetworks(["c"], tmp_path, "x")
 
 
+def test_txt2img_reads_only_the_files_it_applies(tmp_path, monkeypatch):
+    """A one-off generation does not read every file of a folder of (90 MB each) hypernetworks."""
+    from extensions_lib.hypernetworks import file as file_module
+
+    for name in ("a", "b", "c"):
+        write_hypernetwork(Hypernetwork.create(name, [32], Architecture()), tmp_path / f"{name}.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    read = []
+    real = file_module.safe_load
+    monkeypatch.setattr(file_module, "safe_load", lambda path: read.append(path) or real(path))
+    chosen = txt2img_hypernetworks(["b"], tmp_path, "x <hypernet:b:0.5>, <hypernet:c>")
+    assert [(hn.name, m) for hn, m in chosen.chosen] == [("b", 0.5), ("c", 1.0)]
+    assert sorted(p.name for p in read) == ["b.pt", "c.pt"]
+
+
 def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -139,3 +154,31 @@ def test_txt2img_applies_hypernetworks_and_strength_zero_changes_nothing(tmp_pat
     assert info.startswith("a red square\n") and "Hypernet: \"strong, other\"" in info
     assert "Hypernet strength: \"1, 0.5\"" in info
     assert "Hypernet" not in Image.open(plain).info["parameters"]
+
+
+def test_txt2img_bad_hypernetwork_input_is_explained(tmp_path, tiny_checkpoint, capsys):
+    """Widths the model lacks: a warning naming them, and the image is the plain one. Files from other tools in
+    the folder: they never disturb a generation; asking for one names the file and says what it is."""
+    from extensions_lib.formats.torch_pt import save_pt
+
+    folder = tmp_path / "hns"
+    write_hypernetwork(Hypernetwork.create("wide", [768, 1024], Architecture((1, 2, 1), "relu"),
+                                           weight_init="KaimingNormal"), folder / "wide.pt")
+    write_hypernetwork(Hypernetwork.create("fits", [32], Architecture((1, 2, 1), "relu")), folder / "fits.pt")
+    save_pt({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)}, "name": "emb"},
+            folder / "emb.pt")
+    save_pt({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320)}, folder / "lo.pt")
+    base = ["txt2img", "--ckpt", str(tiny_checkpoint("sd1")), "--device", "cpu", "--prompt", "a red square",
+            "--steps", "1", "--width", "64", "--height", "64", "--seed", "3", "--hypernetwork-dir", str(folder)]
+    assert main(base + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(base + ["--out", str(tmp_path / "wide.png"), "--hypernetwork", "wide",
+                        "--hypernetwork", "fits:0"]) == 0
+    err = capsys.readouterr().err
+    assert "not in this model" in err and "wide width 768" in err and "wide width 1024" in err
+    assert np.array_equal(_pixels(tmp_path / "wide.png"), _pixels(tmp_path / "plain.png"))
+
+    for name, what in (("emb", "embedding"), ("lo", "LoRA")):
+        assert main(base + ["--out", str(tmp_path / f"{name}.png"), "--hypernetwork", name]) == 1
+        err = capsys.readouterr().err
+        assert str(folder / f"{name}.pt") in err and what in err and "Traceback" not in err
+        assert not (tmp_path / f"{name}.png").exists()

@@ -57,6 +57,21 @@ def test_recursive_listing_by_stem_in_host_order(tmp_path):
     assert lib.load("c").sizes == [8, 16]
 
 
+def test_listing_matches_the_hosts_glob(tmp_path):
+    """The host lists ``glob.iglob(dir/**/*.pt, recursive=True)`` sorted by lower-cased path, by stem:
+    hidden files and folders are not listed."""
+    import glob
+
+    for rel in ("Zeta.pt", "alpha.pt", "sub/Beta.pt", "sub/.cache/gamma.pt", ".hidden.pt", ".trash/delta.pt",
+                "sub/deeper/eps.pt"):
+        write_hypernetwork(small("x"), tmp_path / rel)
+    host = [os.path.splitext(os.path.basename(f))[0]
+            for f in sorted(glob.iglob(os.path.join(tmp_path, "**/*.pt"), recursive=True), key=str.lower)]
+    lib = HypernetworkLibrary(tmp_path)
+    assert lib.names() == host == ["alpha", "Beta", "eps", "Zeta"]
+    assert lib.skipped == []
+
+
 def test_bad_files_are_listed_as_skipped_with_reasons(tmp_path):
     write_hypernetwork(small("good"), tmp_path / "good.pt")
     bad = to_file_dict(small("x"))
@@ -130,6 +145,24 @@ def test_same_name_twice_keeps_the_last_like_the_host_and_says_so(tmp_path):
     reasons = {str(e.path): e.error for e in lib.skipped}
     assert "same name" in reasons[str(tmp_path / "a" / "x.pt")]
     assert "reserved" in reasons[str(tmp_path / "None.pt")]
+
+
+def test_find_picks_the_file_the_library_and_the_host_pick(tmp_path):
+    from extensions_lib.hypernetworks.library import find
+
+    write_hypernetwork(small("x", sizes=(8,)), tmp_path / "a" / "x.pt")
+    write_hypernetwork(small("x", sizes=(16,)), tmp_path / "b" / "x.pt")
+    write_hypernetwork(small("y"), tmp_path / "y.pt")
+    write_hypernetwork(small("none"), tmp_path / "None.pt")
+    lib = HypernetworkLibrary(tmp_path)
+    assert find(tmp_path, "x") == lib.path("x") == tmp_path / "b" / "x.pt"
+    assert find(tmp_path, "y") == lib.path("y")
+    for missing in ("None", "z"):
+        with pytest.raises(AlchemyError, match=f"no hypernetwork named '{missing}'") as exc:
+            find(tmp_path, missing)
+        assert str(tmp_path) in str(exc.value) and "found: x, y" in str(exc.value)
+    with pytest.raises(AlchemyError, match="no hypernetwork named"):
+        find(tmp_path / "absent", "x")
 
 
 def test_missing_folder_lists_nothing(tmp_path):

@@ -221,14 +221,19 @@ def test_model_is_frozen_in_eval_mode_while_training_and_restored_after(tmp_path
     dataset(tmp_path / "data")
     new_file(tmp_path / "hypernetworks", dropout=[0, 0.2, 0])
     flags_before, out_before = model_flags(model), unet_output(model)
+    to_k = model.attention_modules()[0][1].to_k
+    probe = torch.randn(1, 3, to_k.in_features)
     seen = []
 
     def check(progress):
         grads, modes = model_flags(model)
-        seen.append((any(grads), any(modes), len(model.attention_modules()[0][1].to_k._forward_pre_hooks)))
+        with torch.no_grad():  # the projection sees the hypernetwork's output, whatever way the patch works
+            patched = not torch.equal(to_k(probe), torch.nn.functional.linear(probe, to_k.weight, to_k.bias))
+        seen.append((any(grads), any(modes), patched))
 
     train_hypernetwork(model, options(tmp_path, steps=3), callbacks=check, say=lambda _: None)
-    assert seen and all(s == (False, False, 1) for s in seen)
+    assert seen and all(s == (False, False, True) for s in seen)
+    assert torch.equal(to_k(probe), torch.nn.functional.linear(probe, to_k.weight, to_k.bias))
     assert model_flags(model) == flags_before
     assert torch.equal(unet_output(model), out_before)  # the patch is gone
 
@@ -321,13 +326,13 @@ def test_training_continues_with_the_saved_optimizer_state(tmp_path, tiny_model)
 def test_widths_the_model_lacks(tmp_path, tiny_model):
     model = tiny_model("sd1")
     dataset(tmp_path / "data")
-    flags_before = model_flags(model)
+    flags_before, out_before = model_flags(model), unet_output(model)
     path = new_file(tmp_path / "hypernetworks", sizes=[768, 320])
     with pytest.raises(AlchemyError, match=r"widths \[768, 320\].*\[32, 64\]") as info:
         train_hypernetwork(model, options(tmp_path), say=lambda _: None)
     assert str(path) in str(info.value)
     assert model_flags(model) == flags_before
-    assert not model.attention_modules()[0][1].to_k._forward_pre_hooks
+    assert torch.equal(unet_output(model), out_before)
 
     new_file(tmp_path / "hypernetworks", sizes=[32, 768])
     said = []
@@ -342,3 +347,61 @@ def test_missing_hypernetwork_is_named(tmp_path, tiny_model):
     assert str(tmp_path / "hypernetworks") in str(info.value)
     with pytest.raises(AlchemyError, match="no hypernetwork to train"):
         train_hypernetwork(tiny_model("sd1"), options(tmp_path, hypernetwork_name=""))
+
+
+# ---- what the WebUI reads back ----------------------------------------------------------------------------
+
+def test_settings_json_has_every_key_the_webui_writes(tmp_path, tiny_model, webui_files):
+    import json
+
+    dataset(tmp_path / "data")
+    new_file(tmp_path / "hypernetworks", activation="swish", dropout=[0, 0.2, 0])
+    result = train_hypernetwork(tiny_model("sd1"), options(tmp_path, steps=1, save_every=1), say=lambda _: None)
+    (settings_path,) = result.log_dir.glob("settings-*.json")
+    ours = json.loads(settings_path.read_text(encoding="utf-8"))
+    genuine = json.loads((webui_files / "ref-hn-121-relu-trained.train-settings.json").read_text(encoding="utf-8"))
+    assert set(genuine) <= set(ours), sorted(set(genuine) - set(ours))
+    assert (ours["layer_structure"], ours["activation_func"], ours["weight_init"], ours["add_layer_norm"],
+            ours["use_dropout"], ours["save_hypernetwork_every"], ours["hypernetwork_name"]) == \
+        ([1, 2, 1], "swish", "Normal", False, True, 1, "hn")
+    for key in ("layer_structure", "activation_func", "weight_init", "add_layer_norm", "use_dropout"):
+        assert type(ours[key]) is type(genuine[key]), key
+
+
+def test_trained_files_load_in_the_hosts_code_and_resume_its_optimizer(tmp_path, tiny_model):
+    """A PReLU hypernetwork with dropout, trained here: the final file and the snapshot build in the host's
+    module code and compute what ours do, and the host's optimizer (AdamW over every parameter of every
+    module, PReLU slopes included) takes our .optim state."""
+    from host_hypernetwork_reference import host_load_hypernetwork, host_optimizer
+
+    model = tiny_model("sd1")
+    dataset(tmp_path / "data")
+    path = new_file(tmp_path / "hypernetworks", activation="prelu", dropout=[0, 0.2, 0])
+    untrained_slopes = [m.linear[1].weight.clone() for m in read_hypernetwork(path).modules()]
+    result = train_hypernetwork(model, options(tmp_path, steps=2, save_every=1, save_optimizer_state=True),
+                                say=lambda _: None)
+    snapshot = result.log_dir / "hypernetworks" / "hn-1.pt"
+    for file in (path, snapshot):
+        host, ours = host_load_hypernetwork(file), read_hypernetwork(file)
+        assert host.step == ours.step and host.dropout_structure == [0, 0.2, 0]
+        for size in TINY_WIDTHS:
+            x = torch.randn(1, 4, size)
+            for host_module, our_module in zip(host.layers[size], ours.layers[size]):
+                assert torch.equal(host_module(x), our_module(x))
+        state = host_optimizer(host).state_dict()["state"]
+        assert len(state) == len(host.weights()) == 2 * 2 * 5  # 2 widths x (k, v) x (2 Linear x 2 + PReLU)
+    trained_slopes = [m.linear[1].weight for m in read_hypernetwork(path).modules()]
+    assert all(not torch.equal(a, b) for a, b in zip(untrained_slopes, trained_slopes))  # the slopes train too
+
+
+def test_a_renamed_file_trains_under_its_file_name_as_in_the_webui(tmp_path, tiny_model):
+    """The host names the log folder, the snapshots and the saved ``name`` after the hypernetwork it was asked
+    to train (the file name), not the name stored inside a file that was renamed since."""
+    dataset(tmp_path / "data")
+    new_file(tmp_path / "hypernetworks", name="inner")
+    (tmp_path / "hypernetworks" / "inner.pt").rename(tmp_path / "hypernetworks" / "outer.pt")
+    result = train_hypernetwork(tiny_model("sd1"), options(tmp_path, hypernetwork_name="outer", steps=2, save_every=1),
+                                say=lambda _: None)
+    assert result.log_dir.name == "outer" and result.final_path == tmp_path / "hypernetworks" / "outer.pt"
+    assert sorted(p.name for p in (result.log_dir / "hypernetworks").glob("*.pt")) == ["outer-1.pt", "outer-2.pt"]
+    assert safe_load(result.final_path)["name"] == "outer"

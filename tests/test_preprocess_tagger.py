@@ -88,3 +88,10 @@ def test_missing_tagger_model_names_the_folder(tmp_path):
     with pytest.raises(AlchemyError) as err:
         tagger_captioner(str(tmp_path / "no-such-model"))
     assert "no-such-model" in str(err.value)
+
+
+def test_bad_tagger_caption_options_fail_before_the_model_loads(wd14):
+    with pytest.raises(AlchemyError, match="regular expression"):
+        tagger_captioner(str(wd14), CaptionOptions(exclude=["/([/"]))
+    with pytest.raises(AlchemyError, match="rating"):
+        tagger_captioner(str(wd14), CaptionOptions(rating="top"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,71 @@ def test_cli_errors_are_one_line_with_the_fix(models_dir, tmp_path, capsys):
     assert cli.main(["tag", str(tmp_path), "--model", "wd-vit-tagger-v3", "--models-dir", str(tmp_path),
                      "--download"]) == 1  # conftest sets HF_HUB_OFFLINE=1
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
+              "no_proxy", "HF_ENDPOINT")
+
+
+def test_probe_goes_where_the_download_would(monkeypatch):
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert tm.hub_address() == ("huggingface.co", 443)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example:8443")  # a mirror user is not offline
+    assert tm.hub_address() == ("hf-mirror.example", 8443)
+    monkeypatch.setenv("https_proxy", "http://proxy.local:3128")  # nor is a user behind a proxy
+    assert tm.hub_address() == ("proxy.local", 3128)
+    monkeypatch.setenv("no_proxy", "hf-mirror.example")
+    assert tm.hub_address() == ("hf-mirror.example", 8443)
+
+    seen = []
+
+    def connect(address, timeout=None):
+        seen.append(address)
+        raise OSError("refused")
+
+    monkeypatch.setattr(tm.socket, "create_connection", connect)
+    assert tm.hub_reachable(timeout=0.5) is False and seen == [("hf-mirror.example", 8443)]
+
+
+def test_download_writes_real_files_at_the_pin_and_checks_the_checksum(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, *, revision, local_dir, **kwargs):
+        calls.append((repo_id, filename, revision, kwargs.get("local_dir_use_symlinks")))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"onnx bytes" if filename == "model.onnx" else b"tag_id,name,category,count\n")
+        return str(path)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    key = "wd-vit-tagger-v3"
+    with pytest.raises(AlchemyError, match="checksum") as err:  # the pinned sha256 is the real model's
+        tm.download_known_model(key, tmp_path, reachable=lambda: True)
+    assert str(tmp_path / key) in err.value.message and not (tmp_path / key / "model.onnx").exists()
+
+    pinned = dataclasses.replace(tm.KNOWN_MODELS[key], onnx_sha256=hashlib.sha256(b"onnx bytes").hexdigest())
+    monkeypatch.setitem(tm.KNOWN_MODELS, key, pinned)
+    assert tm.download_known_model(key, tmp_path, reachable=lambda: True) == tmp_path / key
+    onnx = tmp_path / key / "model.onnx"
+    assert onnx.read_bytes() == b"onnx bytes" and not onnx.is_symlink()
+    assert {c[2] for c in calls} == {pinned.revision} and {c[1] for c in calls} == {"model.onnx", "selected_tags.csv"}
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("reset")))
+    with pytest.raises(AlchemyError, match="download of SmilingWolf/wd-vit-tagger-v3 failed") as err:
+        tm.download_known_model(key, tmp_path / "again", reachable=lambda: True)
+    assert "selected_tags.csv" in err.value.message
+
+
+def test_old_huggingface_hub_is_asked_for_real_files_not_cache_symlinks():
+    assert tm._real_files_kwargs("0.20.3") == {"local_dir_use_symlinks": False}
+    assert tm._real_files_kwargs("0.22.2") == {"local_dir_use_symlinks": False}
+    assert tm._real_files_kwargs("0.23.0") == {} and tm._real_files_kwargs("0.36.2") == {}
+    assert tm._real_files_kwargs("1.0.0rc1") == {} and tm._real_files_kwargs("dev") == {}

@@ -272,3 +272,42 @@ def test_should_stop_finishes_what_is_decoded_then_stops(tmp_path, models):
     summary = tag_directory(data, models["free"], OPTS, run_opts(tmp_path, batch_size=3), should_stop=stop_after_five)
     assert summary.interrupted and summary.inferred == 5 and sorted(captions_of(data)) == \
         ["a_rgb.txt", "b_rgba.txt", "c.txt", "d_palette.txt", "e_la.txt"]
+
+
+def test_bad_caption_options_fail_before_any_work(tmp_path, models):
+    data = tmp_path / "data"
+    data.mkdir()
+    random_image(np.random.default_rng(4), 40, 40).save(data / "a.png")
+    counting = Counting(models["free"])
+    for bad in ({"exclude": ["/([/"]}, {"include": ["1girl", "/*hair/"]}, {"rating": "top"},
+                {"general_threshold": 1.5}):
+        with pytest.raises(AlchemyError):
+            tag_directory(data, counting, dataclasses.replace(OPTS, **bad), run_opts(tmp_path))
+    assert counting.calls == 0 and captions_of(data) == {}
+
+
+def test_a_caption_that_fails_to_render_is_reported_not_dropped(tmp_path, models):
+    class WrongWidth(Counting):  # one score short per image: rendering must fail for every image
+        def predict(self, batch):
+            return super().predict(batch)[:, :-1]
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(6)
+    for name in ("a.png", "b.png", "c.jpg"):
+        random_image(rng, 40, 30).save(data / name)
+    summary = tag_directory(data, WrongWidth(models["free"]), OPTS, run_opts(tmp_path, cache=False))
+    assert summary.written == 0 and captions_of(data) == {}
+    assert sorted(Path(p).name for p, _ in summary.skipped) == ["a.png", "b.png", "c.jpg"]
+    assert all(reason.startswith("caption not written (ValueError") for _, reason in summary.skipped)
+
+
+def test_manifest_can_never_overwrite_an_image(tmp_path, models):
+    data = tmp_path / "data"
+    data.mkdir()
+    random_image(np.random.default_rng(8), 40, 40).save(data / "a.png")
+    before = file_hashes(data)
+    for target in (data / "a.png", data / "new.webp", data):
+        with pytest.raises(AlchemyError, match="manifest"):
+            tag_directory(data, models["free"], OPTS, run_opts(tmp_path, manifest=target))
+    assert file_hashes(data) == before and captions_of(data) == {}

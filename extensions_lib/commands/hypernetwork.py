@@ -179,7 +179,11 @@ def txt2img_hypernetworks(flags: list[str] | None, directory: str | Path, prompt
     wanted += [(name, mult) for name, mult in map(parse_hypernetwork_flag, flags or []) if name not in named]
     if not wanted:
         return Txt2ImgHypernetworks(prompt)
-    from ..hypernetworks.library import HypernetworkLibrary
+    from ..hypernetworks.file import read_hypernetwork
+    from ..hypernetworks.library import find
 
-    library = HypernetworkLibrary(directory)
-    return Txt2ImgHypernetworks(prompt, [(library.load(name), mult) for name, mult in wanted])
+    loaded: dict[str, object] = {}  # only the files asked for are read, each once
+    for name, _ in wanted:
+        if name not in loaded:
+            loaded[name] = read_hypernetwork(find(directory, name))
+    return Txt2ImgHypernetworks(prompt, [(loaded[name], mult) for name, mult in wanted])

@@ -71,19 +71,20 @@ def to_file_dict(hn: Hypernetwork) -> dict:
     return data
 
 
-def _not_a_hypernetwork(data: Any) -> str:
-    """Say what a file without hypernetwork modules looks like instead, so the user can move it."""
+def _not_a_hypernetwork(data: Any) -> tuple[str, str | None]:
+    """(what a file without hypernetwork modules looks like instead, where it belongs), so the user can move it."""
     if not isinstance(data, Mapping):
-        return f"it holds a {type(data).__name__}, not the dict a hypernetwork file holds"
+        return f"it holds a {type(data).__name__}, not the dict a hypernetwork file holds", None
     keys = [str(k) for k in data]
     if "string_to_param" in data or "emb_params" in data:
-        return "it is a textual-inversion embedding (it has 'string_to_param'); put it in the embeddings folder"
+        return ("it is a textual-inversion embedding (it has 'string_to_param')",
+                "move it to the embeddings folder")
     if any(k.startswith(("lora_", "lora.")) or ".lora_" in k or "lora_down" in k for k in keys):
-        return "it is a LoRA (it has 'lora_*' keys); put it in the Lora folder"
+        return "it is a LoRA (it has 'lora_*' keys)", "move it to the Lora folder"
     if "state_dict" in data or any(k.startswith("model.diffusion_model.") for k in keys):
-        return "it is a model checkpoint; put it in the Stable-diffusion folder"
+        return "it is a model checkpoint", "move it to the Stable-diffusion folder"
     shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-    return f"it has no per-width modules (integer keys); its keys are: {shown or 'none'}"
+    return f"it has no per-width modules (integer keys); its keys are: {shown or 'none'}", None
 
 
 def _architecture(data: Mapping) -> tuple[Architecture, bool]:
@@ -126,7 +127,8 @@ def from_file_dict(data: Any, default_name: str) -> Hypernetwork:
     """Build a Hypernetwork from the loaded dict, as the host's ``Hypernetwork.load`` does (eval mode)."""
     sizes = [k for k in data if type(k) is int] if isinstance(data, Mapping) else []
     if not sizes:
-        raise AlchemyError(f"not a hypernetwork: {_not_a_hypernetwork(data)}")
+        what, fix = _not_a_hypernetwork(data)
+        raise AlchemyError(f"not a hypernetwork: {what}", fix=fix)
     arch, use_dropout = _architecture(data)
     layers = {}
     for size in sizes:

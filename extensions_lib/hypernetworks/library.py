@@ -45,9 +45,12 @@ def _check(name: str, path: Path, stamp: tuple[int, int]) -> Entry:
 
 def scan(directory: Path) -> list[tuple[str, Path, tuple[int, int]]]:
     """(name, path, (mtime_ns, size)) of every ``.pt`` below `directory`, in the host's order (paths
-    sorted case-insensitively; for a repeated name the host keeps the last)."""
+    sorted case-insensitively; for a repeated name the host keeps the last). Like the host's ``glob``,
+    hidden files and folders (names starting with ".") are left out."""
     found = []
     for path in sorted(directory.glob("**/*.pt"), key=lambda p: str(p).lower()):
+        if any(part.startswith(".") for part in path.relative_to(directory).parts):
+            continue
         try:
             st = path.stat()
         except OSError:
@@ -55,6 +58,20 @@ def scan(directory: Path) -> list[tuple[str, Path, tuple[int, int]]]:
         if path.is_file():
             found.append((path.stem, path, (st.st_mtime_ns, st.st_size)))
     return found
+
+
+def find(directory: str | os.PathLike, name: str) -> Path:
+    """The file the host would load for `name` from `directory`, found without reading any file: for
+    one-off lookups (the command line), where a :class:`HypernetworkLibrary` would read the whole folder.
+    A file that is not a usable hypernetwork is reported when it is read."""
+    directory = Path(directory)
+    found = {stem: path for stem, path, _ in scan(directory)} if directory.is_dir() else {}
+    found.pop("None", None)  # the host's "no hypernetwork" choice
+    if name not in found:
+        known = ", ".join(found) or "none"
+        raise AlchemyError(f"no hypernetwork named {name!r}", directory,
+                           f"put {name}.pt in this folder or below it (found: {known})")
+    return found[name]
 
 
 class HypernetworkLibrary:

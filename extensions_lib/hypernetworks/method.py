@@ -34,7 +34,7 @@ from ..train.options import resolve_seed
 from ..train.provenance import Provenance, collect
 from ..train.rng import global_rng_preserved
 from .file import optimizer_path, read_hypernetwork, read_optimizer_state, shorthash, to_file_dict
-from .library import HypernetworkLibrary
+from .library import find
 from .module import Hypernetwork
 from .patch import HypernetworkPatch, apply_hypernetworks
 from .train_options import DEFAULT_LEARN_RATE, HypernetworkTrainOptions
@@ -118,7 +118,9 @@ def stack_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:
 class HypernetworkMethod:
     """The :class:`~extensions_lib.train.loop.TrainingMethod` of a hypernetwork attached to `adapter`.
 
-    Trains the weights and biases of the hypernetwork's Linear and LayerNorm layers and nothing else.
+    Trains every parameter of the hypernetwork's modules and nothing else: as in the WebUI (whose optimizer
+    takes ``Hypernetwork.weights()``), that is the Linear and LayerNorm weights and biases plus the slope of
+    a PReLU activation, in the host's order, so ``.optim`` side files resume on either side.
     Static prompts (one template line, no tag shuffling or dropout) are encoded once each and reused.
     """
 
@@ -137,7 +139,7 @@ class HypernetworkMethod:
         self.say = say
         self.base_step = hypernetwork.step
         """The file's step when training began: saved files count on from it, as the WebUI's do."""
-        self._params = [p for m in hypernetwork.modules() for p in m.trainables()]
+        self._params = hypernetwork.parameters()
         self._cond_cache: dict[str, torch.Tensor] | None = {} if getattr(data, "prompts_are_static", False) else None
         self._last_prompt = ""
         self.optimizer_name = "AdamW"
@@ -186,6 +188,13 @@ class HypernetworkMethod:
         return denoising_loss(self.adapter, batch.latents.to(device), self.conditioning(batch.prompts),
                               generator=batch.generator, weight=weights, min_snr_gamma=self.options.min_snr_gamma,
                               noise_offset=self.options.noise_offset)
+
+    def settings_entries(self) -> dict[str, Any]:
+        """The WebUI's hypernetwork keys of the settings JSON (the structure of the network trained)."""
+        hn, arch = self.hypernetwork, self.hypernetwork.arch
+        return {"layer_structure": list(arch.layer_structure), "activation_func": arch.activation_func,
+                "weight_init": hn.weight_init, "add_layer_norm": arch.add_layer_norm, "use_dropout": hn.use_dropout,
+                "save_hypernetwork_every": self.options.save_every}
 
     # -- resume -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -255,8 +264,10 @@ def load_for_training(options: HypernetworkTrainOptions) -> tuple[Hypernetwork, 
     if not name:
         raise AlchemyError("no hypernetwork to train", fix="give its name (create one first with "
                                                             "'alchemy hypernetwork create --name NAME')")
-    path = HypernetworkLibrary(options.hypernetwork_dir).path(name)
-    return read_hypernetwork(path), path
+    path = find(options.hypernetwork_dir, name)
+    hn = read_hypernetwork(path)
+    hn.name = name  # as in the host: the run, its files and [name] use the name it was picked by
+    return hn, path
 
 
 def train_hypernetwork(adapter, options: HypernetworkTrainOptions, callbacks: Callable | Sequence[Callable] = (),

@@ -90,10 +90,12 @@ class Architecture:
                                fix="use positive multipliers")
         ds = self.dropout_structure
         if ds is not None:
-            if len(ds) != len(ls):
-                raise AlchemyError(f"dropout structure {list(ds)} must have as many entries as the layer "
-                                   f"structure {list(ls)}", fix='e.g. "0, 0.05, 0" for "1, 2, 1"')
-            for p in ds[1:]:
+            # Longer is allowed: the host derives [0, p, 0] for a legacy single-layer [1, 1] file and uses
+            # only the entries after each Linear.
+            if len(ds) < len(ls):
+                raise AlchemyError(f"dropout structure {list(ds)} must have (at least) as many entries as the "
+                                   f"layer structure {list(ls)}", fix='e.g. "0, 0.05, 0" for "1, 2, 1"')
+            for p in ds[1:len(ls)]:
                 if not math.isfinite(p) or (p > 0 and not p < 1):  # the host asserts 0 < p < 1 for every non-zero entry it uses
                     raise AlchemyError(f"dropout probability {p} in {list(ds)} must be below 1",
                                        fix="use values in [0, 1), e.g. 0.05 to 0.35")

@@ -35,7 +35,9 @@ class PreprocessOptions:
     height: int = option(512, help="output height in pixels", minimum=64, maximum=2048, step=8, group="Size")
     existing_caption: CaptionAction = option(
         CaptionAction.IGNORE, label="Existing caption txt action",
-        help="what to do with a .txt caption beside a source image", group="Captions")
+        help="what to do with a .txt caption beside a source image (the WebUI's meanings): ignore it; copy = keep "
+             "it instead of a tagger caption; prepend = it, then the new tags; append = the new tags, then it",
+        group="Captions")
     keep_original_size: bool = option(False, help="also save each image at its original size", group="Modes")
     flip: bool = option(False, label="Create flipped copies",
                         help="save a mirrored copy after every output image", group="Modes")

@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..options import add_cli_arguments, from_cli, to_dict
 from ..tagger import CaptionOptions, caption_images, load_tagger, resolve_model
+from ..tagger.captions import check_options
 from .caption import Captioner
 
 _OWN_POLICY = ("existing_caption",)
@@ -37,7 +38,7 @@ def tagger_captioner(model: str, caption_options: CaptionOptions | None = None, 
     """
     if not model:
         return None, "", lambda: None
-    opts = caption_options or CaptionOptions()
+    opts = check_options(caption_options or CaptionOptions())  # a bad /regex/ fails before the model loads
     tagger = load_tagger(resolve_model(model), device=device, report=report)
 
     def captioner(images):

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import AlchemyError
+from ..options import from_dict, to_dict
 from .labels import CHARACTER, GENERAL, RATING, Labels
 from .options import CaptionOptions, WD14_THRESHOLDS
 
@@ -116,6 +117,16 @@ def split_entries(entries: Iterable[str]) -> list[str]:
             continue
         out.extend(part.strip() for part in entry.split(",") if part.strip())
     return out
+
+
+def check_options(opts: CaptionOptions) -> CaptionOptions:
+    """Check every choice, bound and /regex/ up front (options built in code too); returns `opts`.
+
+    A bad entry found only while captioning would fail every image one by one instead of once.
+    """
+    from_dict(CaptionOptions, to_dict(opts), source="caption options")
+    TagMatcher(opts.exclude), TagMatcher(opts.include)
+    return opts
 
 
 # ---- selection and layout ----------------------------------------------------------------------

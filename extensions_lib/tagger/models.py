@@ -12,6 +12,8 @@ import hashlib
 import os
 import socket
 import threading
+import urllib.request
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +24,7 @@ from .deepdanbooru import DeepDanbooruTagger, find_deepdanbooru_checkpoint
 from .wd14 import Wd14Tagger, find_wd14_files
 
 DEFAULT_MODELS_DIR = Path("models") / "tagger"
-HUB_HOST = ("huggingface.co", 443)
+HUB_ENDPOINT = "https://huggingface.co"
 PROBE_TIMEOUT_S = 5.0
 WD14_FILES = ("model.onnx", "selected_tags.csv")
 DEEPDANBOORU_URL = ("https://github.com/AUTOMATIC1111/TorchDeepDanbooru/releases/download/v1/"
@@ -118,9 +120,33 @@ def resolve_model(spec: str, models_dir: str | os.PathLike | None = None, *, dow
                        _missing_message(spec, named))
 
 
-def hub_reachable(timeout: float = PROBE_TIMEOUT_S, host: tuple[str, int] = HUB_HOST) -> bool:
-    """True when a TCP connection to the Hub opens within `timeout` (DNS included, which ignores socket
-    timeouts, hence the thread)."""
+def _host_port(url: str, default_port: int) -> tuple[str, int] | None:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if not parts.hostname:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.hostname, port or {"https": 443, "http": 80}.get(parts.scheme, default_port)
+
+
+def hub_address() -> tuple[str, int]:
+    """Where a download opens its first connection: the Hub endpoint (`HF_ENDPOINT`, e.g. a mirror) or,
+    when the environment routes it through a proxy, that proxy. Probing huggingface.co directly would
+    call a mirror or proxy user offline."""
+    endpoint = _host_port(os.environ.get("HF_ENDPOINT", "").strip() or HUB_ENDPOINT, 443) or ("huggingface.co", 443)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get("https") or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(endpoint[0]):
+        return _host_port(proxy, 1080) or endpoint
+    return endpoint
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S, host: tuple[str, int] | None = None) -> bool:
+    """True when a TCP connection to the Hub (see :func:`hub_address`) opens within `timeout` (DNS included,
+    which ignores socket timeouts, hence the thread)."""
+    host = host or hub_address()
     result: list[bool] = []
 
     def probe():
@@ -150,7 +176,10 @@ def download_known_model(key: str, models_dir: str | os.PathLike, *,
     if _offline_env():
         raise AlchemyError("cannot download while HF_HUB_OFFLINE is set", target, _missing_message(key, target))
     if not reachable():
-        raise AlchemyError("the Hugging Face Hub cannot be reached (offline?)", target, _missing_message(key, target))
+        host, port = hub_address()
+        raise AlchemyError(f"the Hugging Face Hub cannot be reached (no connection to {host}:{port} within "
+                           f"{PROBE_TIMEOUT_S:g}s; offline?)", target, _missing_message(key, target))
+    import huggingface_hub
     from huggingface_hub import hf_hub_download
 
     if report:
@@ -158,7 +187,7 @@ def download_known_model(key: str, models_dir: str | os.PathLike, *,
     try:
         for filename in WD14_FILES:
             hf_hub_download(model.repo_id, filename, revision=model.revision, local_dir=str(target),
-                            etag_timeout=PROBE_TIMEOUT_S)
+                            etag_timeout=PROBE_TIMEOUT_S, **_real_files_kwargs(huggingface_hub.__version__))
     except Exception as exc:
         raise AlchemyError(f"download of {model.repo_id} failed ({type(exc).__name__}: {exc})", target,
                            _missing_message(key, target)) from None
@@ -172,6 +201,17 @@ def download_known_model(key: str, models_dir: str | os.PathLike, *,
             raise AlchemyError("downloaded model.onnx does not match the pinned checksum (removed it)", target,
                                "download again; if it keeps failing, fetch the file by hand")
     return target
+
+
+def _real_files_kwargs(hub_version: str) -> dict:
+    """huggingface_hub before 0.23 put large `local_dir` files in its global cache and left symlinks in the
+    folder (`local_dir_use_symlinks="auto"`); ask those versions for real files. Later ones always copy
+    and deprecate the argument."""
+    try:
+        major, minor = (int(part) for part in hub_version.split(".")[:2])
+    except ValueError:
+        return {}
+    return {"local_dir_use_symlinks": False} if (major, minor) < (0, 23) else {}
 
 
 def load_tagger(folder: str | os.PathLike, *, device: str = "auto", device_id: int = 0,

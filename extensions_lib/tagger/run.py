@@ -30,7 +30,7 @@ from ..atomic import atomic_open, write_text
 from ..errors import AlchemyError
 from .base import Tagger, predict_images
 from .cache import ScoreCache, content_hash, default_cache_dir
-from .captions import caption_tags, join_caption, merge_existing, render_caption, thresholds
+from .captions import caption_tags, check_options, join_caption, merge_existing, render_caption, thresholds
 from .image_io import ImageSkipped, decode_image, image_extensions, list_images
 from .labels import RATING
 from .options import CaptionOptions, TagRunOptions
@@ -87,6 +87,15 @@ def _check_extension(extension: str) -> str:
         raise AlchemyError(f"caption extension {extension!r} is an image extension; captions would overwrite images",
                            fix="use --caption-extension .txt")
     return extension
+
+
+def _check_manifest(path: Path) -> None:
+    # The manifest is written over whatever is at its path: never let that be an image.
+    if path.suffix.lower() in image_extensions():
+        raise AlchemyError(f"manifest path has an image extension ({path.suffix}); it would overwrite an image",
+                           path, "use a .jsonl file name for --manifest")
+    if path.is_dir():
+        raise AlchemyError("manifest path is a folder", path, "give a file name such as manifest.jsonl")
 
 
 def plan_jobs(input_dir: Path, run: TagRunOptions, summary: RunSummary,
@@ -174,6 +183,9 @@ def tag_directory(input_dir: str | os.PathLike, tagger: Tagger, caption_opts: Ca
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise AlchemyError("input folder not found", input_dir, "pass the folder holding the images")
+    check_options(caption_opts)
+    if run.manifest is not None:
+        _check_manifest(Path(run.manifest))
     started = time.perf_counter()
     summary = RunSummary()
     jobs = plan_jobs(input_dir, run, summary, caption_opts.existing_caption)
@@ -270,8 +282,8 @@ class _Pipeline:
             existing = _read_existing(job.caption) if merging and job.caption.exists() else None
             tags = merge_existing(caption_tags(scores, tagger.labels, opts, tagger.default_thresholds), existing, opts)
             write_text(job.caption, join_caption(tags, opts.separator))
-        except OSError as exc:
-            self.summary.skipped.append((str(job.image), f"caption not written ({exc})"))
+        except Exception as exc:  # this runs in a thread nobody joins on results: report, never drop silently
+            self.summary.skipped.append((str(job.image), f"caption not written ({type(exc).__name__}: {exc})"))
             return
         self.summary.tag_counts.update(tags)
         self.summary.written += 1

@@ -71,6 +71,8 @@ class TrainingMethod(Protocol):
       bitsandbytes imports, else AdamW with a message (``optimizers.adamw(groups, lr, eight_bit=True)``).
       Default: ``torch.optim.AdamW`` (torch's weight decay 0.01 unless a group sets ``weight_decay``).
     - ``after_step(step)``: called after each optimizer step (EMA of embeddings, restoring frozen rows).
+    - ``settings_entries() -> dict``: the method's own keys of the settings JSON (the WebUI records e.g. a
+      hypernetwork's ``layer_structure`` and ``activation_func`` there).
     - ``loss_csv_name``: file name of the loss CSV (default ``"loss.csv"``; the WebUI uses
       ``textual_inversion_loss.csv`` / ``hypernetwork_loss.csv``).
     Set-up that changes the model (gradient checkpointing, patches, freezing) belongs to whoever builds

@@ -87,10 +87,13 @@ def plot_losses(losses: Sequence[tuple[int, float]], target: Path, title: str = 
 
 
 def write_settings(log_dir: Path, method, options, initial_step: int) -> None:
-    """``settings-<YYYY-MM-DD-HH-MM-SS>.json`` with the WebUI's extra keys beside the options."""
+    """``settings-<YYYY-MM-DD-HH-MM-SS>.json`` with the WebUI's extra keys beside the options, including
+    those of the method (``method.settings_entries()`` where it has one, e.g. a hypernetwork's structure)."""
     now = datetime.datetime.now()
     prov: Provenance = method.provenance
+    entries = getattr(method, "settings_entries", None)
     settings = {"datetime": now.strftime("%Y-%m-%d %H:%M:%S"), "model_name": prov.base_model_name,
                 "model_hash": prov.base_model_hash, "num_of_dataset_images": prov.dataset_images,
+                **(entries() if entries is not None else {}),
                 **to_dict(options), "initial_step": initial_step, "provenance": prov.to_dict()}
     write_text(log_dir / f"settings-{now.strftime('%Y-%m-%d-%H-%M-%S')}.json", json.dumps(settings, indent=4))
