@@ -189,3 +189,12 @@ def test_old_huggingface_hub_is_asked_for_real_files_not_cache_symlinks():
     assert tm._real_files_kwargs("0.22.2") == {"local_dir_use_symlinks": False}
     assert tm._real_files_kwargs("0.23.0") == {} and tm._real_files_kwargs("0.36.2") == {}
     assert tm._real_files_kwargs("1.0.0rc1") == {} and tm._real_files_kwargs("dev") == {}
+
+
+def test_cli_bad_regex_is_one_error_before_the_model_loads(models_dir, tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"")  # never read: the options are refused first
+    assert cli.main(["tag", str(tmp_path), "--model", "my-wd14", "--models-dir", str(models_dir),
+                     "--exclude", "/([/"]) == 1
+    err = capsys.readouterr().err
+    assert "alchemy: error: bad regular expression" in err and "fix the /regex/" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.png"]

@@ -43,11 +43,12 @@ def run_tag(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..tagger import models as tagger_models
+    from ..tagger.captions import check_options
     from ..tagger.options import CaptionOptions, TagRunOptions
     from ..tagger.run import format_summary, tag_directory
 
     run = from_cli(TagRunOptions, args)
-    caption = from_cli(CaptionOptions, args)
+    caption = check_options(from_cli(CaptionOptions, args))  # a bad /regex/ fails before the model loads
     models_dir = run.models_dir or tagger_models.DEFAULT_MODELS_DIR
     if args.list_models:
         for name, folder in tagger_models.list_models(models_dir).items():
