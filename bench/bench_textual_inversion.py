@@ -1,9 +1,13 @@
 """Textual-inversion training step: ours against the diffusers example's, on a full-size SD1.5-architecture
 model with random weights, 256x256, batch 1, CPU, float32.
 
-- ours: ``alchemy``'s :class:`~extensions_lib.embeddings.method.TextualInversion` run by the trainer core's
-  ``train()`` loop (latents cached once per image, only the embedding's vectors trainable). Step time
-  is measured between the loop's per-step progress callbacks, so everything the loop does counts.
+- ours: ``alchemy embedding train`` as it runs: :class:`~extensions_lib.embeddings.method.TrainingSession`
+  and the trainer core's ``train()`` loop. What makes it cheaper: latents cached once per image; only
+  the embedding's vectors trainable (no gradient, AdamW state or saved copy of the 49408-row matrix);
+  the VAE and the unused token-embedding rows out of memory while training; frozen convolutions and
+  GEGLUs saving less for backward; glibc keeping freed memory for the next step (``M_TOP_PAD``; see
+  ``--theirs-malloc`` for how much of the time that alone is worth). Step time is measured between the
+  loop's per-step progress callbacks, so everything the loop does counts.
 - theirs: a faithful re-implementation of one step of diffusers' ``examples/textual_inversion/
   textual_inversion.py`` (defaults, no mixed precision): a placeholder token added to the tokenizer and
   the embedding matrix resized; the whole token-embedding matrix handed to AdamW (weight decay 1e-2);
@@ -17,10 +21,12 @@ peak RSS per side and their ratios (ours / theirs). Targets: time <= 0.7, peak R
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_textual_inversion.py
 
 ``--model tiny`` runs the same comparison on the tiny test model in seconds (a check of the script only).
+``--theirs-malloc`` adds a third side: theirs with the same glibc setting as ours, for reference.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -99,7 +105,7 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
     from extensions_lib.backend.configs import alphas_cumprod_from_schedule
     from extensions_lib.backend.standalone import StandaloneModel
     from extensions_lib.embeddings.create import create_embedding
-    from extensions_lib.embeddings.method import train_embedding
+    from extensions_lib.embeddings.session import train_embedding
     from extensions_lib.embeddings.options import EmbeddingTrainOptions
 
     config, parts = build_parts(model)
@@ -125,7 +131,8 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
 
 # ---- theirs: the diffusers textual-inversion example's step --------------------------------------------------
 
-def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work: Path) -> dict:
+def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work: Path,
+               keep_freed_memory: bool = False) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -194,11 +201,14 @@ def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
 
+    from extensions_lib.embeddings.cpu_memory import keeping_freed_memory
+
     times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - start)
+    with keeping_freed_memory() if keep_freed_memory else contextlib.nullcontext():
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - start)
     return {"step_times": times[warmup:], "peak_rss": peak_rss_bytes(), "built_rss": built_rss}
 
 
@@ -206,15 +216,20 @@ def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work
 
 def run_side(args) -> None:
     with tempfile.TemporaryDirectory(prefix=f"alchemy-bench-ti-{args.side}-") as tmp:
-        fn = run_ours if args.side == "ours" else run_theirs
-        result = fn(args.model, args.size, args.images, args.warmup, args.steps, Path(tmp))
+        sizes = (args.model, args.size, args.images, args.warmup, args.steps, Path(tmp))
+        if args.side == "ours":
+            result = run_ours(*sizes)
+        else:
+            result = run_theirs(*sizes, keep_freed_memory=args.side == "theirs-malloc")
     print(json.dumps(result))
 
 
 def spawn(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--size", str(args.size),
            "--images", str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{side} run failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -226,18 +241,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps not timed in each run")
     parser.add_argument("--steps", type=int, default=4, help="timed steps in each run")
     parser.add_argument("--rounds", type=int, default=2, help="subprocess runs per side, alternating")
-    parser.add_argument("--side", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    parser.add_argument("--theirs-malloc", action="store_true",
+                        help="also time theirs with ours' glibc setting (M_TOP_PAD), for reference")
+    parser.add_argument("--side", choices=["ours", "theirs", "theirs-malloc"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         run_side(args)
         return
 
-    results: dict[str, list[dict]] = {"theirs": [], "ours": []}
+    sides = ["theirs", "ours"] + (["theirs-malloc"] if args.theirs_malloc else [])
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(args.rounds):
-        for side in (("theirs", "ours") if i % 2 == 0 else ("ours", "theirs")):
+        for side in (sides if i % 2 == 0 else sides[::-1]):
             res = spawn(side, args)
             results[side].append(res)
-            print(f"round {i + 1} {side:6s}: median step {statistics.median(res['step_times']):.3f}s "
+            print(f"round {i + 1} {side:13s}: median step {statistics.median(res['step_times']):.3f}s "
                   f"({', '.join(f'{t:.2f}' for t in res['step_times'])}), peak RSS {res['peak_rss'] / 2**30:.2f} GiB "
                   f"(after model build {res['built_rss'] / 2**30:.2f} GiB)", flush=True)
     step = {s: statistics.median([t for r in rs for t in r["step_times"]]) for s, rs in results.items()}
@@ -250,6 +268,10 @@ def main() -> None:
           f"  {'ok' if time_ratio <= TIME_TARGET else 'MISSED'}")
     print(f"{'peak RSS':14s}{rss['theirs'] / 2**30:>16.2f} GiB{rss['ours'] / 2**30:>8.2f} GiB{rss_ratio:>14.3f}"
           f"{RSS_TARGET:>9}  {'ok' if rss_ratio <= RSS_TARGET else 'MISSED'}")
+    if args.theirs_malloc:
+        tuned = step["theirs-malloc"]
+        print(f"theirs with ours' glibc setting: step {tuned:.3f}s, ours/that {step['ours'] / tuned:.3f} "
+              f"(peak RSS {rss['theirs-malloc'] / 2**30:.2f} GiB)")
     print("\nrerun: flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_textual_inversion.py "
           + " ".join(a for a in sys.argv[1:]))
 

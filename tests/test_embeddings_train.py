@@ -14,7 +14,8 @@ from PIL import Image
 
 from extensions_lib.embeddings.create import create_embedding
 from extensions_lib.embeddings.loader import EmbeddingLoader
-from extensions_lib.embeddings.method import prepare, train_embedding
+from extensions_lib.embeddings.method import prepare
+from extensions_lib.embeddings.session import train_embedding
 from extensions_lib.embeddings.options import EmbeddingTrainOptions
 from extensions_lib.embeddings.patch import patch_text_encoders
 from extensions_lib.errors import AlchemyError
@@ -157,14 +158,20 @@ def test_only_the_vectors_train_latents_are_encoded_once_and_the_run_is_logged(t
     original_encode = adapter.encode_images
     monkeypatch.setattr(adapter, "encode_images", lambda images: encoded.append(len(images)) or original_encode(images))
     weights = {name: p.detach().clone() for name, p in adapter.text_encoder.named_parameters()}
+    vae = {name: p.detach().clone() for name, p in adapter.vae.named_parameters()}
     opts = options(tmp_path, steps=6, save_every=3, create_image_every=3, save_optimizer_state=True, write_csv_every=1)
+    assert opts.offload_unused  # the VAE is away while training and back for each preview
 
-    result = train_embedding(adapter, opts)
+    table = adapter.text_encoder.text_model.embeddings.token_embedding
+    sizes = []
+    result = train_embedding(adapter, opts, callbacks=lambda p: sizes.append(table.weight.numel()))
 
+    assert set(sizes[1:-1]) == {0}  # the token-embedding matrix was out of memory while training
     assert sum(encoded) == 3  # three images, each VAE-encoded once for six steps
     for name, p in adapter.text_encoder.named_parameters():
         assert torch.equal(p, weights[name]) and p.grad is None and not p.requires_grad
     assert all(p.grad is None and not p.requires_grad for m in adapter.modules().values() for p in m.parameters())
+    assert all(torch.equal(p, vae[name]) for name, p in adapter.vae.named_parameters())
     state = load_resume_state(result.log_dir)["optimizer"]
     assert [len(g["params"]) for g in state["param_groups"]] == [1]
     assert {tuple(v.shape) for s in state["state"].values() for v in s.values() if v.ndim > 0} == {(2, 32)}
@@ -296,3 +303,16 @@ def test_unreadable_images_beside_good_ones_are_skipped_with_reasons(tiny_model,
     assert len(method.data.dataset) == 3
     (skipped,) = method.data.dataset.skipped
     assert skipped.path.name == "cut.png" and "cannot be read" in skipped.reason
+
+
+def test_an_adapter_that_places_parts_itself_keeps_them(tiny_checkpoint, tmp_path):
+    """With offloading by the adapter (or a WebUI --medvram host), the session moves nothing itself."""
+    from extensions_lib.backend.standalone import load_model
+
+    adapter = load_model(tiny_checkpoint("sd1"), offload=True)
+    setup_run(adapter, tmp_path)
+    table = adapter.text_encoder.text_model.embeddings.token_embedding
+    sizes = []
+    result = train_embedding(adapter, options(tmp_path, steps=2),
+                             callbacks=lambda p: sizes.append((table.weight.numel(), adapter.vae.encoder.conv_in.weight.numel())))
+    assert result.step == 2 and sizes and all(t > 0 and v > 0 for t, v in sizes)

@@ -153,7 +153,8 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..backend.standalone import load_model
-    from ..embeddings.method import check_schedules, prepare, train_embedding
+    from ..embeddings.method import check_schedules
+    from ..embeddings.session import TrainingSession
 
     command = from_cli(ModelCommand, args)
     opts = training_options(args)
@@ -161,11 +162,16 @@ def run_train(args: argparse.Namespace) -> int:
         raise AlchemyError("no checkpoint given", fix="pass --ckpt path/to/model.safetensors (the model to train on)")
     check_schedules(opts)  # before the slow model load
     adapter = load_model(command.ckpt, device=_device(command.device))
+    with TrainingSession(adapter, opts) as session:
+        return _train(session, opts, command, tqdm)
+
+
+def _train(session, opts, command: ModelCommand, tqdm) -> int:
     with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
         def encoded(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
-        method = prepare(adapter, opts, on_progress=encoded)
+        method = session.prepare(on_progress=encoded)
     for skipped in method.data.dataset.skipped:
         print(f"alchemy: warning: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     bar = tqdm(total=opts.steps, desc=f"training {opts.embedding_name}", unit="step", dynamic_ncols=True)
@@ -180,7 +186,7 @@ def run_train(args: argparse.Namespace) -> int:
                 bar.write(str(line))
 
     try:
-        result = train_embedding(adapter, opts, callbacks=progress, method=method)
+        result = session.train(callbacks=progress)
     finally:
         bar.close()
     for warning in result.warnings:

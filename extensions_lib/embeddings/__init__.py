@@ -7,6 +7,9 @@
 - ``loader``: the three together, as the ``encode_fn`` generation takes.
 - ``create``: a new embedding from an initialization text.
 - ``options`` / ``method``: training one embedding over the trainer core.
+- ``session``: the model set up for training and restored after (``train_embedding`` is the entry point);
+  its memory helpers: ``offload`` and ``token_rows`` (parts training does not read kept out of memory),
+  ``lean_backward`` (frozen layers that save less for backward), ``cpu_memory`` (glibc settings).
 
 File formats live in ``extensions_lib.formats.embedding*``.
 """

@@ -6,7 +6,8 @@ gradient, no AdamW moments, no saved copy to restore rows from, unlike the diffu
 nothing for the frozen models. The vectors reach the text encoder through the embedding patch
 (:mod:`.patch`): prompts are encoded with :func:`extensions_lib.prompt.encode_prompts` and a matcher
 that knows only the embedding being trained, exactly as the loader encodes them later. Latents come
-from the trainer core's latent cache, so the VAE encodes each image once per run.
+from the trainer core's latent cache, so the VAE encodes each image once per run; after that
+:class:`~.session.TrainingSession` keeps what training does not read out of memory.
 
 Files, as the WebUI lays them out: ``<log>/embeddings/<name>-<step>.pt`` every "save every" steps (and
 when stopped), ``<log>/images/<name>-<step>.png`` previews, ``<log>/image_embeddings/<name>-<step>.png``
@@ -16,6 +17,7 @@ file matches its vectors starts from that optimizer state, as the host does.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -32,13 +34,13 @@ from ..sampling.infotext import save_png
 from ..sampling.txt2img import GenerationOptions, check_options, generate_from
 from ..train.batches import Batch, build_training_data
 from ..train.diffusion_loss import denoising_loss
-from ..train.loop import TrainResult, train
 from ..train.lr_schedule import parse_schedule
 from ..train.provenance import collect
 from .library import EmbeddingLibrary
 from .matcher import EmbeddingMatcher
+from .offload import OffloadSet
 from .options import EmbeddingTrainOptions
-from .patch import patch_text_encoders, unwrap
+from .patch import unwrap
 
 WRITABLE_SUFFIXES = (".pt", ".safetensors")
 PREVIEW_STEPS = 20
@@ -50,7 +52,7 @@ class TextualInversion:
     loss_csv_name = "textual_inversion_loss.csv"
 
     def __init__(self, adapter, options: EmbeddingTrainOptions, embedding: Embedding, data, provenance, *,
-                 final_path: Path):
+                 final_path: Path, devices: dict[str, torch.device] | None = None):
         self.adapter = adapter
         self.options = options
         self.name = embedding.name
@@ -64,13 +66,16 @@ class TextualInversion:
         self.vectors: dict[str, torch.Tensor] = {}
         for info in adapter.text_encoders:
             start = embedding.vectors[info.key] if embedding.is_sdxl else embedding.vectors
-            home = unwrap(info.token_embedding).weight.device
+            home = devices[info.key] if devices else unwrap(info.token_embedding).weight.device
             self.vectors[info.key] = start.detach().to(home, torch.float32).clone().requires_grad_(True)
         self.trained = dataclasses.replace(embedding, vectors=self._payload_vectors(self.vectors))
         """The embedding being trained: its ``vectors`` are the trainable tensors themselves."""
         self.matcher = EmbeddingMatcher(adapter.tokenizer, [self.trained])
         self.last_prompts: list[str] = []
         self._checked_prompts: set[str] = set()
+        self.away: OffloadSet | None = None
+        """Set while training with unused parts out of memory (see :class:`~.session.TrainingSession`); previews
+        bring them back for their duration."""
 
     @staticmethod
     def _payload_vectors(vectors: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -94,7 +99,7 @@ class TextualInversion:
 
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, 77*k, C) text conditioning of `prompts` with the trained vectors spliced in (needs the
-        embedding patch on the adapter, see :func:`train_embedding`)."""
+        embedding patch on the adapter, see :class:`~.session.TrainingSession`)."""
         return encode_prompts(self.adapter, list(prompts), clip_skip=self.options.clip_skip, matcher=self.matcher)
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
@@ -150,7 +155,8 @@ class TextualInversion:
 
     def preview(self, step: int, directory: Path) -> Path | None:
         encode_fn = functools.partial(encode_prompts, matcher=self.matcher)
-        image = generate_from(self.adapter, self.preview_options(step), encode_fn=encode_fn)[0]
+        with self.away.present_for() if self.away is not None else contextlib.nullcontext():
+            image = generate_from(self.adapter, self.preview_options(step), encode_fn=encode_fn)[0]
         path = Path(directory) / f"{self.name}-{step}.png"
         save_png(image, path)
         if self.options.save_image_with_stored_embedding:
@@ -193,12 +199,14 @@ def final_path_for(path: Path) -> Path:
     return path if path.suffix.lower() in WRITABLE_SUFFIXES else path.with_suffix(".pt")
 
 
-def prepare(adapter, options: EmbeddingTrainOptions,
-            on_progress: Callable[[int, int], None] | None = None) -> TextualInversion:
+def prepare(adapter, options: EmbeddingTrainOptions, on_progress: Callable[[int, int], None] | None = None, *,
+            devices: dict[str, torch.device] | None = None) -> TextualInversion:
     """Check the options and inputs, encode the dataset's latents and build the method.
 
     Every check that can fail runs before anything is written. `options.seed` must be resolved
-    (:func:`extensions_lib.train.options.resolve_seed`).
+    (:func:`extensions_lib.train.options.resolve_seed`). devices: where each encoder's vectors live (by
+    default where its token embedding is; :class:`~.session.TrainingSession` passes them because it moves the
+    matrices away first).
     """
     if not options.embedding_name:
         raise AlchemyError("no embedding chosen", fix="give the name of an embedding in the embeddings folder "
@@ -210,7 +218,7 @@ def prepare(adapter, options: EmbeddingTrainOptions,
     data = build_training_data(adapter, options, name=entry.name, require_name=True, on_progress=on_progress)
     provenance = collect(adapter, data.dataset, source_note=options.source_note, method="textual_inversion")
     method = TextualInversion(adapter, options, entry.embedding, data, provenance,
-                              final_path=final_path_for(entry.path))
+                              final_path=final_path_for(entry.path), devices=devices)
     caption = data.dataset.entries[0].caption
     method.check_prompts([line.replace("[filewords]", caption).replace("[name]", entry.name)
                           for line in data.template.lines])
@@ -219,8 +227,8 @@ def prepare(adapter, options: EmbeddingTrainOptions,
 
 def train_embedding(adapter, options: EmbeddingTrainOptions, callbacks=(), cancel=None,
                     on_progress: Callable[[int, int], None] | None = None,
-                    method: TextualInversion | None = None) -> TrainResult:
-    """Train ``options.embedding_name`` on `adapter` (patching its text encoder for the duration)."""
-    method = method if method is not None else prepare(adapter, options, on_progress)
-    with patch_text_encoders(adapter):
-        return train(method, options, callbacks, cancel)
+                    method: TextualInversion | None = None):
+    """:func:`extensions_lib.embeddings.session.train_embedding` (the usual entry point; kept here too)."""
+    from .session import train_embedding as run  # the session builds on this module
+
+    return run(adapter, options, callbacks, cancel, on_progress, method)

@@ -43,6 +43,11 @@ class EmbeddingTrainOptions(TrainingOptions):
     clip_skip: int = option(1, minimum=1, maximum=12, step=1, group=_EMB,
                             help="use the text encoder's N-th layer from the end while training (the WebUI's "
                                  "Clip skip setting; 1 = last)")
+    offload_unused: bool = option(True, label="Move VAE and unused token embeddings out of memory when training",
+                                  group=_EMB,
+                                  help="once the latents are cached, training reads neither the VAE (but for previews) "
+                                       "nor most rows of the token-embedding matrix: keep them in RAM (GPU) or a "
+                                       "temporary file (CPU) meanwhile (like the WebUI's 'Move VAE and CLIP to RAM')")
     save_image_with_stored_embedding: bool = option(True, label="Save images with embedding in PNG chunks",
                                                     group=_EMB,
                                                     help="with each preview, also write the embedding inside a PNG "

@@ -52,6 +52,9 @@ class EmbeddingsWithFixes(nn.Module):
         super().__init__()
         self.wrapped = wrapped
         self.key = key
+        self.rows: nn.Module | None = None
+        """Set by a trainer to a stand-in giving the same rows (:class:`.token_rows.TokenRows`) while the
+        wrapped matrix is out of memory."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -59,7 +62,7 @@ class EmbeddingsWithFixes(nn.Module):
         return self.wrapped.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.wrapped(input_ids)
+        out = (self.rows if self.rows is not None else self.wrapped)(input_ids)
         fixes = active_fixes()
         if not fixes or not any(fixes):
             return out
@@ -101,9 +104,15 @@ class EmbeddingPatch:
     def active(self) -> bool:
         return bool(self.installed)
 
+    @property
+    def wrappers(self) -> list[EmbeddingsWithFixes]:
+        """Each installed wrapper once (an embedding held in two places has one wrapper)."""
+        return list({id(w): w for _, _, _, w in self.installed}.values())
+
     def unpatch(self) -> None:
-        for parent, name, original, _wrapper in reversed(self.installed):
+        for parent, name, original, wrapper in reversed(self.installed):
             setattr(parent, name, original)
+            wrapper.rows = None
         self.installed.clear()
 
     def __enter__(self) -> "EmbeddingPatch":
