@@ -34,33 +34,9 @@ from extensions_lib.train.batches import build_training_data  # noqa: E402
 from extensions_lib.train.diffusion_loss import denoising_loss  # noqa: E402
 from extensions_lib.train.loop import train  # noqa: E402
 from extensions_lib.train.options import TrainingOptions  # noqa: E402
-from extensions_lib.train.provenance import collect  # noqa: E402
-from train_fakes import MethodBase, make_folder  # noqa: E402
+from train_fakes import OutputLayerMethod, make_folder  # noqa: E402
 
 WARMUP = 3
-
-
-class OutputLayer(MethodBase):
-    def __init__(self, data, model):
-        super().__init__("bench", data)
-        self.model, self.layer = model, model.unet.conv_out
-        self.provenance = collect(model, data.dataset)
-        self.cond = torch.zeros(1, 77, model.context_dim)
-
-    def parameters(self):
-        return list(self.layer.parameters())
-
-    def loss(self, batch, step):
-        return denoising_loss(self.model, batch.latents, self.cond.expand(len(batch.prompts), -1, -1),
-                              generator=batch.generator)
-
-    def state_dict(self):
-        return {k: v.detach().clone() for k, v in self.layer.state_dict().items()}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            for k, v in self.layer.state_dict().items():
-                v.copy_(state[k])
 
 
 def run_core(method, options):
@@ -71,7 +47,7 @@ def run_core(method, options):
 
 
 def run_bare(method, steps, encode_every_step):
-    data, model = method.data, method.model
+    data, model = method.data, method.adapter
     opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     n, times = data.image_count, []
@@ -110,7 +86,7 @@ def main() -> int:
                                       training_height=64, seed=r, steps=args.steps, learn_rate="0.001",
                                       batch_size=2, log_directory=str(tmp / f"logs{r}"), save_every=25,
                                       create_image_every=0, write_csv_every=1)
-            method = OutputLayer(build_training_data(model, options, name="", require_name=False), model)
+            method = OutputLayerMethod(build_training_data(model, options, name="", require_name=False), model)
             results["core"] += run_core(method, options)
             results["bare"] += run_bare(method, args.steps, encode_every_step=False)
             results["naive"] += run_bare(method, args.steps, encode_every_step=True)

@@ -308,14 +308,26 @@ def fixes_active(fixes: list[list[Fix]]) -> Iterator[None]:
 def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, mode: str = "Original") -> torch.Tensor:
     """Scale each token's conditioning row by its multiplier (z: (N, T, C), multipliers: (N, T)).
 
-    "Original" then rescales the whole batch to its previous mean, as the WebUI does.
+    "Original" then rescales the whole batch to its previous mean, as the WebUI does. All multipliers 1
+    leave `z` as it is: there the WebUI's rescale is a factor of exactly 1, except on an encoder whose
+    output has mean 0 (a default-initialised final LayerNorm), where its 0/0 would turn everything NaN.
     """
-    if mode in ("Ignore", "None"):
+    if mode in ("Ignore", "None") or bool((multipliers == 1).all()):
         return z
     scaled = z.float() * multipliers.to(z.device, torch.float32).unsqueeze(-1)
     if mode == "Original":
-        scaled = scaled * (z.float().mean() / scaled.mean())
+        scaled = scaled * _mean_restoring_factor(z.float().mean(), scaled.mean())
     return scaled.to(z.dtype)
+
+
+def _mean_restoring_factor(original_mean: torch.Tensor, new_mean: torch.Tensor) -> torch.Tensor:
+    """``original_mean / new_mean`` (the WebUI's factor), or 1 where a mean of 0 makes scaling back to it
+    meaningless: 0/0 is NaN, x/0 infinite, 0/x would zero the whole conditioning. Branch-free, so
+    CUDA need not sync and no NaN reaches the backward pass."""
+    usable = (original_mean != 0) & (new_mean != 0)
+    one = torch.ones_like(new_mean)
+    factor = torch.where(usable, original_mean, one) / torch.where(usable, new_mean, one)
+    return torch.where(torch.isfinite(factor), factor, one)
 
 
 def even_out_chunks(batch: list[list[PromptChunk]], ids: SpecialTokens) -> list[list[PromptChunk]]:

@@ -155,6 +155,28 @@ def test_offload_keeps_results(tiny_checkpoint, tiny_model):
             pass
 
 
+def test_offload_moves_each_part_only_when_needed_and_nested_blocks_keep_the_outer_part(tiny_checkpoint,
+                                                                                         monkeypatch):
+    model = load_model(tiny_checkpoint("sd1"), offload=True)
+    model.device = torch.device("cuda")  # only where the parts should go; `.to` is recorded, not run
+    moves = []
+    for name, module in model.modules().items():
+        monkeypatch.setattr(module, "to", lambda device, name=name: moves.append((name, torch.device(device).type)))
+
+    with model.use("unet"):
+        assert moves == [("unet", "cuda")]
+        for _ in range(3):  # a sampling loop's predict() calls
+            with model.use("unet"):
+                pass
+        with model.use("vae"):  # a preview decode inside: the UNet stays
+            pass
+        assert moves == [("unet", "cuda"), ("vae", "cuda")]
+    moves.clear()
+    with model.use("text_encoder"):  # the next step's prompt encoding evicts both, before moving in
+        pass
+    assert moves[-1] == ("text_encoder", "cuda") and sorted(moves[:-1]) == [("unet", "cpu"), ("vae", "cpu")]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ldm_state_dict_reproduces_the_file(tiny_checkpoint, tiny_model, family):
     """What a saver (DreamBooth) writes back from a loaded model is the file it came from, bit for bit."""

@@ -12,8 +12,7 @@ from extensions_lib.train.batches import build_training_data
 from extensions_lib.train.diffusion_loss import denoising_loss
 from extensions_lib.train.loop import train
 from extensions_lib.train.options import TrainingOptions
-from extensions_lib.train.provenance import collect
-from train_fakes import MethodBase, make_folder
+from train_fakes import OutputLayerMethod, make_folder
 
 
 @pytest.fixture()
@@ -23,30 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class OutputLayerMethod(MethodBase):
-    def __init__(self, data, adapter):
-        super().__init__("outlayer", data)
-        self.adapter = adapter
-        self.provenance = collect(adapter, data.dataset, method="test")
-        self.layer = adapter.unet.conv_out
-        self.cond = torch.zeros(1, 77, adapter.context_dim)
-
-    def parameters(self):
-        return list(self.layer.parameters())
-
-    def loss(self, batch, step):
-        return denoising_loss(self.adapter, batch.latents, self.cond.expand(len(batch.prompts), -1, -1),
-                              generator=batch.generator, weight=batch.weights)
-
-    def state_dict(self):
-        return {k: v.detach().clone() for k, v in self.layer.state_dict().items()}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            for k, v in self.layer.state_dict().items():
-                v.copy_(state[k])
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])

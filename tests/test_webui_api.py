@@ -26,7 +26,9 @@ def _extension(host):
     return module._extension
 
 
-def _client(host):
+def _client(host, api=True, api_auth=None):
+    host.shared.cmd_opts.api = api
+    host.shared.cmd_opts.api_auth = api_auth
     app = FastAPI()
     host.script_callbacks.app_started_callback(None, app)
     assert host.script_callbacks.errors == []
@@ -176,3 +178,35 @@ def test_training_under_lowvram_is_refused_like_the_tab_does(webui, tmp_path):
     r = client.post(f"{V1}/train/hypernetwork", json=_train_body(data))
     assert r.status_code == 501 and "--medvram" in r.json()["error"]
     assert extension.context().unsupported["train_hypernetwork"] == r.json()["what"]
+
+
+def test_the_api_follows_the_webuis_api_switch(tmp_path):
+    """Like /sdapi: no routes without --api (a --listen WebUI must not let anyone start jobs)."""
+    with standin_host(tmp_path) as host:
+        _extension(host)
+        client = _client(host, api=False)
+        assert client.get(f"{V1}/embeddings").status_code == 404
+        assert client.post(f"{V1}/jobs/stop").status_code == 404
+        assert client.get("/alchemy/progress").status_code == 200  # the tabs' progress poll stays
+
+
+def test_api_auth_is_asked_for_on_every_route(tmp_path):
+    with standin_host(tmp_path) as host:
+        _extension(host)
+        client = _client(host, api_auth="alice:s3cret:x,bob:hunter2")
+        for method, path in [("get", "/embeddings"), ("post", "/jobs/stop"), ("get", "/jobs/current"),
+                             ("post", "/tag/image"), ("post", "/train/embedding")]:
+            r = getattr(client, method)(V1 + path)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Basic", path
+            r = getattr(client, method)(V1 + path, auth=("bob", "wrong"))
+            assert r.status_code == 401, path
+        assert client.get(f"{V1}/embeddings", auth=("alice", "s3cret:x")).status_code == 200
+        assert client.get(f"{V1}/embeddings", auth=("bob", "hunter2")).status_code == 200
+        assert client.post(f"{V1}/jobs/stop", auth=("bob", "hunter2")).status_code == 409  # authorised; no job
+
+
+def test_a_malformed_api_auth_leaves_the_api_off(tmp_path):
+    with standin_host(tmp_path) as host:
+        _extension(host)
+        client = _client(host, api_auth="no-colon-here")
+        assert client.get(f"{V1}/embeddings").status_code == 404

@@ -213,3 +213,30 @@ class CondMethod(MethodBase):
     def load_state_dict(self, state):
         with torch.no_grad():
             self.vec.copy_(state["vec"])
+
+
+class OutputLayerMethod(MethodBase):
+    """Trains the UNet's output layer of a real adapter through ``adapter.predict`` (as a DreamBooth-style
+    method trains UNet weights). The caller switches the layer's ``requires_grad`` on and restores it."""
+
+    def __init__(self, data, adapter):
+        from extensions_lib.train.provenance import collect
+        super().__init__("outlayer", data)
+        self.adapter = adapter
+        self.provenance = collect(adapter, data.dataset, method="test")
+        self.layer = adapter.unet.conv_out
+        self.cond = torch.zeros(1, 77, adapter.context_dim)
+
+    def parameters(self):
+        return list(self.layer.parameters())
+
+    def loss(self, batch, step):
+        from extensions_lib.train.diffusion_loss import denoising_loss
+        return denoising_loss(self.adapter, batch.latents, self.cond.expand(len(batch.prompts), -1, -1),
+                              generator=batch.generator, weight=batch.weights)
+
+    def state_dict(self):
+        return {k: v.detach().clone() for k, v in self.layer.state_dict().items()}
+
+    def load_state_dict(self, state):
+        self.layer.load_state_dict(state)  # copies into the layer's own tensors, as the loop expects

@@ -28,7 +28,8 @@ class StandaloneModel:
     """A loaded SD1/SD2 model behind the :class:`~extensions_lib.adapter.ModelAdapter` interface.
 
     All parameters are frozen (``requires_grad=False``); trainers unfreeze what they train. With
-    ``offload=True`` parts stay on the CPU until :meth:`use` asks for them on ``device``.
+    ``offload=True`` parts stay on the CPU until :meth:`use` asks for them on ``device`` (and only
+    :meth:`use` moves them then: it remembers where each part is).
     """
 
     def __init__(self, *, path: Path, config: ModelConfig, parts: dict[str, torch.nn.Module],
@@ -52,6 +53,9 @@ class StandaloneModel:
         kept so :meth:`ldm_state_dict` can write a complete single file."""
         self._hash: str | None = None
         self._tokenizer = None
+        self._placed: dict[str, torch.device] = {name: torch.device("cpu") for name in PARTS} if offload else {}
+        self._in_use: list[frozenset[str]] = []
+        """Parts each open :meth:`use` block asked for, outermost first."""
         embeddings = self.text_encoder.text_model.embeddings
         self.text_encoders = [TextEncoderInfo(key="", width=int(config.text_encoder["hidden_size"]),
                                               token_embedding=embeddings.token_embedding,
@@ -132,13 +136,27 @@ class StandaloneModel:
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {PARTS}")
-        if self.offload:
-            for name, module in self.modules().items():
-                if name not in parts:
-                    module.to("cpu")
-            for name in parts:
-                self.modules()[name].to(self.device)
-        yield
+        if not self.offload:
+            yield
+            return
+        # A nested block (predict() inside txt2img's use("unet"), a preview inside a training step) must not
+        # evict what an enclosing block still uses; parts already in place are not touched, so the steady
+        # state of a sampling or training loop moves nothing.
+        needed = set(parts).union(*self._in_use)
+        self._place({name: self.device if name in needed else torch.device("cpu") for name in PARTS})
+        self._in_use.append(frozenset(parts))
+        try:
+            yield
+        finally:
+            self._in_use.pop()
+
+    def _place(self, wanted: dict[str, torch.device]) -> None:
+        modules = self.modules()
+        # evict first, so the device never holds the old and the new parts at once
+        for name in sorted(wanted, key=lambda n: wanted[n].type != "cpu"):
+            if self._placed.get(name) != wanted[name]:
+                modules[name].to(wanted[name])
+                self._placed[name] = wanted[name]
 
 
 # --- loading --------------------------------------------------------------------------------------------

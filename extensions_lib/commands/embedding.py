@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import AlchemyError
-from ..options import add_cli_arguments, from_cli, from_dict, option, specs
+from ..options import from_cli, option
+from .method_commands import add_action, device_name, report_result, require_checkpoint, step_bar, training_options
 
 DEFAULT_DIR = Path("embeddings")
 
@@ -39,27 +40,19 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="embedding_action", metavar="ACTION")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
-    create = actions.add_parser("create", help="write a new embedding from an initialization text",
-                                description="Write <embeddings dir>/<name>.pt, its vectors taken from the token "
-                                            "embeddings of the initialization text.")
-    add_cli_arguments(create, CreateEmbeddingOptions)
-    add_cli_arguments(create, ModelCommand)
-    add_cli_arguments(create, FolderCommand)
-    create.set_defaults(func=run_create)
-
-    train = actions.add_parser("train", help="train an embedding on a folder of images",
-                               description="Train an embedding of the embeddings folder on a folder of images. Ctrl-C "
-                                           "stops at the next step and saves; --resume LOG_DIR continues exactly.")
-    add_cli_arguments(train, ModelCommand)
-    add_cli_arguments(train, EmbeddingTrainOptions)
-    train.set_defaults(func=run_train)
-
-    listing = actions.add_parser("list", help="list the embeddings of a folder (and why files are skipped)",
-                                 description="List every embedding file below a folder; with --ckpt, files that do "
-                                             "not fit that model are marked skipped with the reason.")
-    add_cli_arguments(listing, FolderCommand)
+    add_action(actions, "create", run_create, (CreateEmbeddingOptions, ModelCommand, FolderCommand),
+               help="write a new embedding from an initialization text",
+               description="Write <embeddings dir>/<name>.pt, its vectors taken from the token embeddings of the "
+                           "initialization text.")
+    add_action(actions, "train", run_train, (ModelCommand, EmbeddingTrainOptions),
+               help="train an embedding on a folder of images",
+               description="Train an embedding of the embeddings folder on a folder of images. Ctrl-C stops at the "
+                           "next step and saves; --resume LOG_DIR continues exactly.")
+    listing = add_action(actions, "list", run_list, (FolderCommand,),
+                         help="list the embeddings of a folder (and why files are skipped)",
+                         description="List every embedding file below a folder; with --ckpt, files that do not fit "
+                                     "that model are marked skipped with the reason.")
     listing.add_argument("--ckpt", type=Path, default=None, help="check the files against this checkpoint")
-    listing.set_defaults(func=run_list)
 
 
 # ---- a model for create / list: the text encoder is all they need ----------------------------------------
@@ -81,21 +74,13 @@ def load_text_encoder(ckpt: Path | None, device: str = "cpu") -> TextEncoderOnly
     from ..backend.standalone import load_parts
     from ..backend.tokenizer import make_tokenizer
 
-    loaded = load_parts(ckpt, ("text_encoder",), device=_device(device))
+    loaded = load_parts(ckpt, ("text_encoder",), device=device_name(device))
     config = loaded.config
     module = loaded.parts["text_encoder"]
     info = TextEncoderInfo(key="", width=int(config.text_encoder["hidden_size"]),
                            token_embedding=module.text_model.embeddings.token_embedding,
                            id_pad=49407 if config.text_encoder_kind == "clip" else 0)
     return TextEncoderOnly(config.family, make_tokenizer(config.text_encoder_kind), [info])
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---- create / list ------------------------------------------------------------------------------------------
@@ -132,71 +117,32 @@ def run_list(args: argparse.Namespace) -> int:
 
 # ---- train ----------------------------------------------------------------------------------------------------
 
-def _given(cls, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
-    return {s.name: getattr(args, s.name) for s in specs(cls)
-            if s.name not in skip and getattr(args, s.name, None) is not None}
-
-
-def training_options(args: argparse.Namespace):
-    """The options of a new run (seed resolved), or with ``--resume`` the saved ones overridden by the
-    flags given."""
-    from ..embeddings.options import EmbeddingTrainOptions
-    from ..train.options import resolve_seed
-    from ..train.resume import resume_options
-
-    if getattr(args, "resume", None):
-        return resume_options(args.resume, EmbeddingTrainOptions, _given(EmbeddingTrainOptions, args, ("resume",)))
-    return resolve_seed(from_dict(EmbeddingTrainOptions, _given(EmbeddingTrainOptions, args), source="command line"))
-
-
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..backend.standalone import load_model
     from ..embeddings.method import check_schedules
+    from ..embeddings.options import EmbeddingTrainOptions
     from ..embeddings.session import TrainingSession
 
     command = from_cli(ModelCommand, args)
-    opts = training_options(args)
-    if command.ckpt is None:
-        raise AlchemyError("no checkpoint given", fix="pass --ckpt path/to/model.safetensors (the model to train on)")
+    opts = training_options(EmbeddingTrainOptions, args)
+    ckpt = require_checkpoint(command.ckpt)
     check_schedules(opts)  # before the slow model load
-    adapter = load_model(command.ckpt, device=_device(command.device))
+    adapter = load_model(ckpt, device=device_name(command.device))
     with TrainingSession(adapter, opts) as session:
-        return _train(session, opts, command, tqdm)
-
-
-def _train(session, opts, command: ModelCommand, tqdm) -> int:
-    with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
-        def encoded(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-        method = session.prepare(on_progress=encoded)
-    for skipped in method.data.dataset.skipped:
-        print(f"alchemy: warning: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
-    bar = tqdm(total=opts.steps, desc=f"training {opts.embedding_name}", unit="step", dynamic_ncols=True)
-
-    def progress(p) -> None:
-        bar.total = p.max_steps
-        bar.update(p.step - bar.n)
-        if p.loss is not None:
-            bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2g}", refresh=False)
-        for line in (p.message, p.saved and f"saved {p.saved}", p.preview and f"preview {p.preview}"):
-            if line:
-                bar.write(str(line))
-
-    try:
-        result = session.train(callbacks=progress)
-    finally:
-        bar.close()
-    for warning in result.warnings:
-        print(f"alchemy: warning: {warning}", file=sys.stderr)
-    if result.final_path is not None:
-        print(result.final_path)
-    elif result.resume_path is not None:
-        print(f"stopped at step {result.step}; continue with: alchemy embedding train --ckpt {command.ckpt} "
-              f"--resume {result.log_dir}", file=sys.stderr)
-    return 130 if result.interrupted else 0
+        with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
+            def encoded(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            method = session.prepare(on_progress=encoded)
+        for skipped in method.data.dataset.skipped:
+            print(f"alchemy: warning: skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+        with step_bar(opts.steps, f"training {opts.embedding_name}") as progress:
+            result = session.train(callbacks=progress)
+        for warning in result.warnings:
+            print(f"alchemy: warning: {warning}", file=sys.stderr)
+        return report_result(result, "embedding train", ckpt)
 
 
 # ---- txt2img ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import AlchemyError
-from ..options import add_cli_arguments, from_cli, from_dict, option, specs
+from ..options import from_cli, option
+from .method_commands import add_action, device_name, report_result, require_checkpoint, step_bar, training_options
 
 DEFAULT_DIR = Path("models/hypernetworks")
 
@@ -41,18 +42,13 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="hypernetwork_action", metavar="ACTION")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
-    create = actions.add_parser("create", help="write a new, untrained hypernetwork",
-                                description="Write <hypernetwork dir>/<name>.pt with the WebUI's create options.")
-    add_cli_arguments(create, CreateHypernetworkOptions)
-    add_cli_arguments(create, CreateCommand)
-    create.set_defaults(func=run_create)
-
-    train = actions.add_parser("train", help="train a hypernetwork on a folder of images",
-                               description="Train a hypernetwork file on a folder of captioned images. Ctrl-C stops "
-                                           "at the next step and saves; --resume LOG_DIR continues exactly.")
-    add_cli_arguments(train, TrainCommand)
-    add_cli_arguments(train, HypernetworkTrainOptions)
-    train.set_defaults(func=run_train)
+    add_action(actions, "create", run_create, (CreateHypernetworkOptions, CreateCommand),
+               help="write a new, untrained hypernetwork",
+               description="Write <hypernetwork dir>/<name>.pt with the WebUI's create options.")
+    add_action(actions, "train", run_train, (TrainCommand, HypernetworkTrainOptions),
+               help="train a hypernetwork on a folder of images",
+               description="Train a hypernetwork file on a folder of captioned images. Ctrl-C stops at the next step "
+                           "and saves; --resume LOG_DIR continues exactly.")
 
 
 def run_create(args: argparse.Namespace) -> int:
@@ -65,22 +61,6 @@ def run_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _given(cls, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
-    return {s.name: getattr(args, s.name) for s in specs(cls)
-            if s.name not in skip and getattr(args, s.name, None) is not None}
-
-
-def training_options(args: argparse.Namespace):
-    """The options of a new run, or with ``--resume`` the saved ones overridden by the flags given."""
-    from ..hypernetworks.train_options import HypernetworkTrainOptions
-    from ..train.resume import resume_options
-
-    if args.resume:
-        overrides = _given(HypernetworkTrainOptions, args, skip=("resume",))
-        return resume_options(args.resume, HypernetworkTrainOptions, overrides)
-    return from_dict(HypernetworkTrainOptions, _given(HypernetworkTrainOptions, args), source="command line")
-
-
 def _say(message: str) -> None:
     from tqdm import tqdm
 
@@ -88,40 +68,18 @@ def _say(message: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
     from ..backend.standalone import load_model
     from ..hypernetworks.method import load_for_training, train_hypernetwork
+    from ..hypernetworks.train_options import HypernetworkTrainOptions
 
     command = from_cli(TrainCommand, args)
-    opts = training_options(args)
-    if command.ckpt is None:
-        raise AlchemyError("no checkpoint given", fix="pass --ckpt path/to/model.safetensors (the model to train on)")
+    opts = training_options(HypernetworkTrainOptions, args)
+    ckpt = require_checkpoint(command.ckpt)
     load_for_training(opts)  # a missing or broken hypernetwork is reported before the slow model load
-    device = command.device if command.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    adapter = load_model(command.ckpt, device=device)
-    bar = tqdm(total=opts.steps, desc=f"training {opts.hypernetwork_name}", unit="step", dynamic_ncols=True)
-
-    def progress(p) -> None:
-        bar.total = p.max_steps
-        bar.update(p.step - bar.n)
-        if p.loss is not None:
-            bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2g}", refresh=False)
-        for line in (p.message, p.saved and f"saved {p.saved}", p.preview and f"preview {p.preview}"):
-            if line:
-                bar.write(str(line))
-
-    try:
+    adapter = load_model(ckpt, device=device_name(command.device))
+    with step_bar(opts.steps, f"training {opts.hypernetwork_name}") as progress:
         result = train_hypernetwork(adapter, opts, callbacks=progress, say=_say)
-    finally:
-        bar.close()
-    if result.final_path is not None:
-        print(result.final_path)
-    elif result.resume_path is not None:
-        print(f"stopped at step {result.step}; continue with: alchemy hypernetwork train --ckpt {command.ckpt} "
-              f"--resume {result.log_dir}", file=sys.stderr)
-    return 130 if result.interrupted else 0
+    return report_result(result, "hypernetwork train", ckpt)
 
 
 # ---- txt2img ------------------------------------------------------------------------------------------

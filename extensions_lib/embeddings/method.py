@@ -35,6 +35,7 @@ from ..sampling.txt2img import GenerationOptions, check_options, generate_from
 from ..train.batches import Batch, build_training_data
 from ..train.diffusion_loss import denoising_loss
 from ..train.lr_schedule import parse_schedule
+from ..train.preview import preview_generation
 from ..train.provenance import collect
 from .library import EmbeddingLibrary
 from .matcher import EmbeddingMatcher
@@ -43,7 +44,6 @@ from .options import EmbeddingTrainOptions
 from .patch import unwrap
 
 WRITABLE_SUFFIXES = (".pt", ".safetensors")
-PREVIEW_STEPS = 20
 
 
 class TextualInversion:
@@ -143,15 +143,7 @@ class TextualInversion:
             save_optimizer_state(embedding, path, optimizer_state)
 
     def preview_options(self, step: int) -> GenerationOptions:
-        o = self.options
-        if o.preview_from_txt2img:
-            return GenerationOptions(prompt=o.preview_prompt, negative=o.preview_negative_prompt,
-                                     steps=o.preview_steps, sampler=o.preview_sampler, cfg_scale=o.preview_cfg_scale,
-                                     seed=o.preview_seed if o.preview_seed >= 0 else o.seed,
-                                     width=o.preview_width, height=o.preview_height, clip_skip=o.clip_skip)
-        prompt = self.last_prompts[0] if self.last_prompts else self.name
-        return GenerationOptions(prompt=prompt, steps=PREVIEW_STEPS, seed=o.seed, width=o.training_width,
-                                 height=o.training_height, clip_skip=o.clip_skip)
+        return preview_generation(self.options, self.last_prompts[0] if self.last_prompts else self.name)
 
     def preview(self, step: int, directory: Path) -> Path | None:
         encode_fn = functools.partial(encode_prompts, matcher=self.matcher)

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 from ..options import option
 from ..prompt import CHUNK_LENGTH
-from ..sampling.samplers import SAMPLERS
-from ..train.options import TrainingOptions
+from ..train.options import PreviewOptions, TrainingOptions
 
-_EMB, _PREVIEW = "Embedding", "Previews"
+_EMB = "Embedding"
 
 
 @dataclass
@@ -29,7 +28,9 @@ class CreateEmbeddingOptions:
 
 
 @dataclass
-class EmbeddingTrainOptions(TrainingOptions):
+class EmbeddingMethodOptions(TrainingOptions):
+    """The shared training options with what textual inversion adds or defaults differently."""
+
     # The WebUI's default template for embeddings (the core's default is subject_filewords).
     template_file: str = option("style_filewords", label="Prompt template", group="Dataset",
                                 help="prompt template file (one prompt per line, [name] and [filewords] are filled "
@@ -53,16 +54,7 @@ class EmbeddingTrainOptions(TrainingOptions):
                                                     help="with each preview, also write the embedding inside a PNG "
                                                          "(<log>/image_embeddings), loadable from the embeddings folder")
 
-    preview_from_txt2img: bool = option(False, group=_PREVIEW,
-                                        label="Read parameters (prompt, etc...) from txt2img tab when making previews",
-                                        help="use the preview settings below instead of the last training prompt, "
-                                             "20 steps and the training size")
-    preview_prompt: str = option("", group=_PREVIEW, widget="textarea", help="preview prompt")
-    preview_negative_prompt: str = option("", group=_PREVIEW, help="preview negative prompt")
-    preview_steps: int = option(20, minimum=1, maximum=150, step=1, group=_PREVIEW, help="preview sampling steps")
-    preview_sampler: str = option("euler", choices=list(SAMPLERS), group=_PREVIEW, help="preview sampler")
-    preview_cfg_scale: float = option(7.0, minimum=1.0, maximum=30.0, step=0.5, group=_PREVIEW,
-                                      help="preview CFG scale")
-    preview_seed: int = option(-1, group=_PREVIEW, help="preview seed (-1 = the run's seed, so previews compare)")
-    preview_width: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview width")
-    preview_height: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview height")
+
+@dataclass
+class EmbeddingTrainOptions(PreviewOptions, EmbeddingMethodOptions):
+    """Everything the Train tab asks for an embedding (previews last: see :class:`PreviewOptions`)."""

@@ -13,6 +13,11 @@ Every route runs the same job functions as the tabs (``extensions_lib.ui.dataset
     GET  /alchemy/v1/jobs/current            the current or last job
     GET  /alchemy/v1/jobs/{job_id}           that job, while it is the current or last one
 
+Like the WebUI's own ``/sdapi`` routes, these exist only when the WebUI runs with ``--api`` (or
+``--nowebui``) and ask for HTTP basic auth when it runs with ``--api-auth user:password[,user2:password2]``:
+they start jobs and read folders on the server, so a ``--listen`` WebUI without ``--api`` must not offer
+them (:func:`api_switches`).
+
 Status codes: 200 done, 202 job started (poll ``/jobs/{id}``), 400 bad request or options, 404 a folder,
 model or file that does not exist, 409 another job runs (or none to stop), 422 the job ran and failed on
 its input, 501 this WebUI cannot do it (the tab says why too), 503 no checkpoint loaded, 500 anything
@@ -256,10 +261,56 @@ def _train_result(result) -> dict:
             "log_dir": str(result.log_dir), "cancelled": result.cancelled}
 
 
-def register(app, api: AlchemyApi, prefix: str = PREFIX) -> None:
-    """Add the routes to a FastAPI `app` (the WebUI's, from ``on_app_started``)."""
+def api_switches(cmd_opts: Any) -> tuple[bool, dict[str, str] | None]:
+    """(whether to add the routes, the ``--api-auth`` credentials or None), read from the WebUI's
+    command line the way it reads them for its own API."""
+    enabled = bool(getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False))
+    spec = getattr(cmd_opts, "api_auth", None)
+    if not spec:
+        return enabled, None
+    credentials = {}
+    for pair in str(spec).split(","):
+        user, sep, password = pair.strip().partition(":")
+        if not sep or not user:
+            raise AlchemyError("--api-auth is not a comma-separated list of user:password pairs",
+                               fix="start the WebUI with --api-auth user:password[,user2:password2]")
+        credentials[user] = password
+    return enabled, credentials
+
+
+def _basic_auth(credentials: dict[str, str] | None):
+    """A FastAPI dependency checking HTTP basic credentials (none: open, as the WebUI's API without
+    ``--api-auth``)."""
+    import secrets
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic
+
+    if not credentials:
+        return None
+    basic = HTTPBasic(auto_error=False)
+
+    def check(given=Depends(basic)) -> None:  # HTTPBasicCredentials or None; unannotated because
+        # FastAPI would resolve a postponed annotation in this module's globals, where the import is not
+        if given is not None:
+            expected = credentials.get(given.username)
+            # compare_digest on bytes: constant time, and no TypeError on non-ASCII passwords.
+            if expected is not None and secrets.compare_digest(given.password.encode(), expected.encode()):
+                return
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return Depends(check)
+
+
+def register(app, api: AlchemyApi, prefix: str = PREFIX, *, credentials: dict[str, str] | None = None) -> None:
+    """Add the routes to a FastAPI `app` (the WebUI's, from ``on_app_started``); with `credentials`
+    ({user: password}) every route asks for HTTP basic auth."""
     from fastapi import Body
     from fastapi.responses import JSONResponse
+
+    auth = _basic_auth(credentials)
+    dependencies = [auth] if auth is not None else None
 
     def respond(handler, *args):
         try:
@@ -279,14 +330,16 @@ def register(app, api: AlchemyApi, prefix: str = PREFIX) -> None:
     def job_route(job_id: str):
         return respond(api.job, job_id)
 
-    app.add_api_route(f"{prefix}/embeddings", lambda: respond(api.list_embeddings), methods=["GET"])
-    app.add_api_route(f"{prefix}/hypernetworks", lambda: respond(api.list_hypernetworks), methods=["GET"])
-    app.add_api_route(f"{prefix}/tag/image", body_route(api.tag_image), methods=["POST"])
-    app.add_api_route(f"{prefix}/tag/folder", body_route(api.tag_folder), methods=["POST"])
-    app.add_api_route(f"{prefix}/train/{{kind}}", train_route, methods=["POST"])
-    app.add_api_route(f"{prefix}/jobs/stop", lambda: respond(api.stop), methods=["POST"])
-    app.add_api_route(f"{prefix}/jobs/current", lambda: respond(api.current_job), methods=["GET"])
-    app.add_api_route(f"{prefix}/jobs/{{job_id}}", job_route, methods=["GET"])
+    routes = [("GET", "/embeddings", lambda: respond(api.list_embeddings)),
+              ("GET", "/hypernetworks", lambda: respond(api.list_hypernetworks)),
+              ("POST", "/tag/image", body_route(api.tag_image)),
+              ("POST", "/tag/folder", body_route(api.tag_folder)),
+              ("POST", "/train/{kind}", train_route),
+              ("POST", "/jobs/stop", lambda: respond(api.stop)),
+              ("GET", "/jobs/current", lambda: respond(api.current_job)),
+              ("GET", "/jobs/{job_id}", job_route)]
+    for method, path, endpoint in routes:
+        app.add_api_route(prefix + path, endpoint, methods=[method], dependencies=dependencies)
 
 
 def _jsonable(value: Any) -> Any:

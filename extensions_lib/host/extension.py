@@ -181,10 +181,15 @@ class AlchemyExtension:
 
     def on_app_started(self, demo: Any, app: Any) -> None:
         from ..ui.routes import add_progress_routes
-        from .api import AlchemyApi, register
+        from .api import AlchemyApi, api_switches, register
 
         add_progress_routes(app, self.runner)
-        register(app, AlchemyApi(self.runner, self.context, self.list_embeddings, self.list_hypernetworks))
+        enabled, credentials = api_switches(self.h.cmd_opts)
+        if enabled:
+            register(app, AlchemyApi(self.runner, self.context, self.list_embeddings, self.list_hypernetworks),
+                     credentials=credentials)
+        else:
+            log.info("Alchemy: HTTP API /alchemy/v1 off (start the WebUI with --api to turn it on)")
         self.embeddings.ensure_folder(self.folders().embeddings)
 
     # --- generation hooks (the AlwaysVisible script) ---------------------------------------------------

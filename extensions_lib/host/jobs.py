@@ -17,15 +17,14 @@ endpoint under our task id), the host calls ``shared.state.begin``/``end`` aroun
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AlchemyError, Cancelled
-from ..ui.progress import JobContext, JobProgress, ProgressBoard
-from ..ui.thread_runner import describe_error, ended_early
+from ..ui.progress import JobContext, ProgressBoard
+from ..ui.thread_runner import BackgroundJobRunner, describe_error, ended_early
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class _Stop:
         return False
 
 
-class HostJobRunner:
+class HostJobRunner(BackgroundJobRunner):
     """Runs ``job_fn(options, job)`` under the host's GPU queue; one job at a time (see the module docstring).
 
     state: the host's ``shared.state`` (or None). gpu_call: the host's ``call_queue.wrap_gradio_gpu_call``
@@ -105,12 +104,8 @@ class HostJobRunner:
         self.gpu_call = gpu_call
         self.watch = watch
         self.on_model_use = on_model_use
-        self.board = _StateBoard()
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        super().__init__(_StateBoard())
         self._stop = _Stop(self)
-        self._done: dict[str, threading.Event] = {}
-        self._thread: threading.Thread | None = None
         self.last_error: BaseException | None = None
         """The exception the last job failed with (None if it did not fail)."""
 
@@ -125,23 +120,10 @@ class HostJobRunner:
                            fix="wait for it to finish or press Interrupt, then start again")
             job_id = f"alchemy-{next(self._ids)}"
             self._stop = _Stop(self)
-            done = threading.Event()
-            self._done = {job_id: done}
             self.board.begin(job_id, title, panel)
             self.board.update(state="queued", message="waiting for the WebUI's queue (a generation may be running)")
-            self._thread = threading.Thread(target=self._run, args=(job_id, job_fn, options, done),
-                                            name=job_id, daemon=True)
-            self._thread.start()
+            self._spawn(job_id, job_id, self._run, job_id, job_fn, options)
         return job_id
-
-    def wait(self, job_id: str, timeout: float | None = None) -> JobProgress:
-        done = self._done.get(job_id)
-        if done is not None:
-            done.wait(timeout)
-        return self.board.snapshot()
-
-    def progress(self) -> JobProgress:
-        return self.board.snapshot()
 
     def interrupt(self) -> bool:
         """Ask the current job to stop; a queued one is dropped before it starts. False when none."""
@@ -157,7 +139,7 @@ class HostJobRunner:
         return True
 
     # --- running -------------------------------------------------------------------------------------
-    def _run(self, job_id: str, job_fn, options, done: threading.Event) -> None:
+    def _run(self, job_id: str, job_fn, options) -> None:
         outcome: dict[str, Any] = {}
 
         def in_queue(id_task: str):
@@ -173,7 +155,6 @@ class HostJobRunner:
             outcome.setdefault("error", exc)
         finally:
             self._finish(outcome)
-            done.set()
 
     def _execute(self, job_fn, options, outcome: dict) -> None:
         stop = self._stop

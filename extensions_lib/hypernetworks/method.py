@@ -31,6 +31,7 @@ from ..train.diffusion_loss import denoising_loss
 from ..train.loop import TrainResult, train
 from ..train.lr_schedule import parse_schedule
 from ..train.options import resolve_seed
+from ..train.preview import preview_generation
 from ..train.provenance import Provenance, collect
 from ..train.rng import global_rng_preserved
 from .file import optimizer_path, read_hypernetwork, read_optimizer_state, shorthash, to_file_dict
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 PROVENANCE_KEY = "alchemy"
 """Top-level key of our provenance in a trained ``.pt`` (the host's loader reads only integer keys and its
 own metadata keys, so it never sees this one)."""
-
-PREVIEW_STEPS = 20
-"""Sampling steps of a preview unless the txt2img preview settings are used (the WebUI's fixed 20)."""
 
 RISKY_LEARN_RATE = 1e-4
 """Learning rates from here up (10x the WebUI's default of 1e-5 and more) are the range where
@@ -231,16 +229,7 @@ class HypernetworkMethod:
                      "optimizer_state_dict": optimizer_state}, optimizer_path(path))
 
     def preview_options(self) -> GenerationOptions:
-        """The WebUI's preview: the last training prompt, 20 steps, the training size (here with the run's
-        seed, so previews compare); or the preview settings when "read parameters from txt2img" is on."""
-        o = self.options
-        if o.preview_from_txt2img:
-            return GenerationOptions(prompt=o.preview_prompt, negative=o.preview_negative_prompt,
-                                     steps=o.preview_steps, sampler=o.preview_sampler, cfg_scale=o.preview_cfg_scale,
-                                     seed=o.preview_seed if o.preview_seed >= 0 else o.seed,
-                                     width=o.preview_width, height=o.preview_height, clip_skip=o.clip_skip)
-        return GenerationOptions(prompt=self._last_prompt or self.name, steps=PREVIEW_STEPS, seed=o.seed,
-                                 width=o.training_width, height=o.training_height, clip_skip=o.clip_skip)
+        return preview_generation(self.options, self._last_prompt or self.name)
 
     def preview(self, step: int, directory: Path) -> Path | None:
         """One txt2img image with the hypernetwork applied (eval mode: no dropout, its multiplier)."""

@@ -3,15 +3,14 @@ hypernetworks, declared once.
 
 Field names follow the WebUI's saved settings JSON (``hypernetwork_name``, ``preview_from_txt2img`` and the
 ``preview_*`` fields), so a settings file the WebUI wrote loads with :func:`extensions_lib.options.from_dict`.
-The preview fields are the same as the embedding trainer's.
+The preview fields are :class:`~extensions_lib.train.options.PreviewOptions`, as for embeddings.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..options import option
-from ..sampling.samplers import SAMPLERS
-from ..train.options import TrainingOptions
+from ..train.options import PreviewOptions, TrainingOptions
 
 DEFAULT_LEARN_RATE = "0.00001"
 """The WebUI's "Hypernetwork Learning rate" default."""
@@ -19,11 +18,13 @@ DEFAULT_LEARN_RATE = "0.00001"
 DEFAULT_HYPERNETWORK_DIR = "models/hypernetworks"
 """The WebUI's default ``--hypernetwork-dir``."""
 
-_HN, _PREVIEW = "Hypernetwork", "Preview"
+_HN = "Hypernetwork"
 
 
 @dataclass
-class HypernetworkTrainOptions(TrainingOptions):
+class HypernetworkMethodOptions(TrainingOptions):
+    """The shared training options with what hypernetwork training adds or defaults differently."""
+
     hypernetwork_name: str = option("", label="Hypernetwork", group=_HN,
                                     help="the hypernetwork to train: a file name (without .pt) in the hypernetworks "
                                          "folder; create it first with 'alchemy hypernetwork create'")
@@ -43,16 +44,7 @@ class HypernetworkTrainOptions(TrainingOptions):
                             help="use the text encoder's N-th layer from the end while training (the WebUI's Clip "
                                  "skip setting; 1 = last)")
 
-    preview_from_txt2img: bool = option(False, group=_PREVIEW,
-                                        label="Read parameters (prompt, etc...) from txt2img tab when making previews",
-                                        help="use the preview settings below instead of the last training prompt, "
-                                             "20 steps and the training size")
-    preview_prompt: str = option("", group=_PREVIEW, widget="textarea", help="preview prompt")
-    preview_negative_prompt: str = option("", group=_PREVIEW, help="preview negative prompt")
-    preview_steps: int = option(20, minimum=1, maximum=150, step=1, group=_PREVIEW, help="preview sampling steps")
-    preview_sampler: str = option("euler", choices=list(SAMPLERS), group=_PREVIEW, help="preview sampler")
-    preview_cfg_scale: float = option(7.0, minimum=1.0, maximum=30.0, step=0.5, group=_PREVIEW,
-                                      help="preview CFG scale")
-    preview_seed: int = option(-1, group=_PREVIEW, help="preview seed (-1 = the run's seed, so previews compare)")
-    preview_width: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview width")
-    preview_height: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview height")
+
+@dataclass
+class HypernetworkTrainOptions(PreviewOptions, HypernetworkMethodOptions):
+    """Everything the Train tab asks for a hypernetwork (previews last: see :class:`PreviewOptions`)."""

@@ -8,6 +8,10 @@ file loads with :func:`extensions_lib.options.from_dict`. Methods add their own 
     @dataclass
     class EmbeddingTrainOptions(TrainingOptions):
         embedding_name: str = option("", help="embedding to train")
+
+Methods that render previews also take :class:`PreviewOptions` (the WebUI's ``preview_*`` keys). It is
+kept out of :class:`TrainingOptions` because every option there is also a WebUI training-defaults
+setting, and preview prompts are per run, not defaults.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import random
 from dataclasses import dataclass
 
 from ..options import option
+from ..sampling.samplers import SAMPLERS
 
-_DATA, _RUN, _OPT, _SAVE = "Dataset", "Run", "Optimisation", "Saving and logging"
+_DATA, _RUN, _OPT, _SAVE, _PREVIEW = "Dataset", "Run", "Optimisation", "Saving and logging", "Previews"
 
 
 @dataclass
@@ -98,6 +103,27 @@ class TrainingOptions:
                                   help="append step, epoch, loss and learning rate to the loss CSV (0 = off)")
     source_note: str = option("", group=_SAVE, widget="textarea",
                               help="where the training images come from / permission to use them; stored in every file written")
+
+
+@dataclass
+class PreviewOptions:
+    """The preview settings of the WebUI's Train tab. Mix in *before* the method's own options class,
+    ``class XTrainOptions(PreviewOptions, XOptions)``: dataclasses put the fields of later bases first,
+    so the previews stay last in the tab, the CLI help and the saved settings."""
+
+    preview_from_txt2img: bool = option(False, group=_PREVIEW,
+                                        label="Read parameters (prompt, etc...) from txt2img tab when making previews",
+                                        help="use the preview settings below instead of the last training prompt, "
+                                             "20 steps and the training size")
+    preview_prompt: str = option("", group=_PREVIEW, widget="textarea", help="preview prompt")
+    preview_negative_prompt: str = option("", group=_PREVIEW, help="preview negative prompt")
+    preview_steps: int = option(20, minimum=1, maximum=150, step=1, group=_PREVIEW, help="preview sampling steps")
+    preview_sampler: str = option("euler", choices=list(SAMPLERS), group=_PREVIEW, help="preview sampler")
+    preview_cfg_scale: float = option(7.0, minimum=1.0, maximum=30.0, step=0.5, group=_PREVIEW,
+                                      help="preview CFG scale")
+    preview_seed: int = option(-1, group=_PREVIEW, help="preview seed (-1 = the run's seed, so previews compare)")
+    preview_width: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview width")
+    preview_height: int = option(512, minimum=64, maximum=2048, step=8, group=_PREVIEW, help="preview height")
 
 
 def resolve_seed(options: TrainingOptions) -> TrainingOptions:

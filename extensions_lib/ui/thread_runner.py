@@ -1,7 +1,9 @@
 """The standalone :class:`~extensions_lib.ui.progress.JobRunner`: one job at a time on a background thread.
 
 Used by ``alchemy ui`` (and by tests). Inside the WebUI the glue provides a runner over the host's GPU
-queue instead, with the same interface.
+queue instead (:class:`~extensions_lib.host.jobs.HostJobRunner`), with the same interface; what both do
+alike is :class:`BackgroundJobRunner`, here because the host runner may import the UI core but not the
+other way round.
 """
 from __future__ import annotations
 
@@ -32,16 +34,47 @@ def ended_early(result: Any, stop_requested: bool) -> bool:
     return bool(said) if said is not None else stop_requested
 
 
-class ThreadJobRunner:
-    """Runs ``job_fn(options, job)`` on a daemon thread; refuses a second job while one runs."""
+class BackgroundJobRunner:
+    """What both runners share: a progress board, one job at a time, each on its own daemon thread.
+    Subclasses start a job (under ``_lock``) with :meth:`_spawn`."""
 
-    def __init__(self):
-        self.board = ProgressBoard()
+    def __init__(self, board: ProgressBoard):
+        self.board = board
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
-        self._cancel = threading.Event()
         self._done: dict[str, threading.Event] = {}
+
+    def _spawn(self, job_id: str, thread_name: str, run: Callable[..., None], *args: Any) -> None:
+        """Call `run(*args)` on a new daemon thread; :meth:`wait` for `job_id` returns once it has returned."""
+        done = threading.Event()
+        self._done = {job_id: done}  # only the latest job is waited for: an older id returns at once
+
+        def target() -> None:
+            try:
+                run(*args)
+            finally:
+                done.set()
+
+        self._thread = threading.Thread(target=target, name=thread_name, daemon=True)
+        self._thread.start()
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobProgress:
+        done = self._done.get(job_id)
+        if done is not None:
+            done.wait(timeout)
+        return self.board.snapshot()
+
+    def progress(self) -> JobProgress:
+        return self.board.snapshot()
+
+
+class ThreadJobRunner(BackgroundJobRunner):
+    """Runs ``job_fn(options, job)`` on a daemon thread; refuses a second job while one runs."""
+
+    def __init__(self):
+        super().__init__(ProgressBoard())
+        self._cancel = threading.Event()
 
     def start(self, job_fn: Callable[[Any, JobContext], Any], options: Any, *, title: str, panel: str = "") -> str:
         with self._lock:
@@ -51,16 +84,11 @@ class ThreadJobRunner:
                                    fix="wait for it to finish or press Interrupt, then start again")
             job_id = f"job-{next(self._ids)}"
             self._cancel = threading.Event()
-            done = threading.Event()
-            self._done = {job_id: done}
             self.board.begin(job_id, title, panel)
-            job = JobContext(self.board, self._cancel)
-            self._thread = threading.Thread(target=self._run, args=(job_fn, options, job, done),
-                                            name=f"alchemy-{job_id}", daemon=True)
-            self._thread.start()
+            self._spawn(job_id, f"alchemy-{job_id}", self._run, job_fn, options, JobContext(self.board, self._cancel))
         return job_id
 
-    def _run(self, job_fn, options, job: JobContext, done: threading.Event) -> None:
+    def _run(self, job_fn, options, job: JobContext) -> None:
         try:
             result = job_fn(options, job)
         except Cancelled:
@@ -71,17 +99,6 @@ class ThreadJobRunner:
             self.board.finish("failed", error=describe_error(exc))
         else:
             self.board.finish("cancelled" if ended_early(result, job.should_stop()) else "done", result=result)
-        finally:
-            done.set()
-
-    def wait(self, job_id: str, timeout: float | None = None) -> JobProgress:
-        done = self._done.get(job_id)
-        if done is not None:
-            done.wait(timeout)
-        return self.board.snapshot()
-
-    def progress(self) -> JobProgress:
-        return self.board.snapshot()
 
     def interrupt(self) -> bool:
         if not self.board.stopping():

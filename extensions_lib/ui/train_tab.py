@@ -9,7 +9,9 @@ settings are read from its txt2img tab, as the built-in Train tab does, instead 
 from __future__ import annotations
 
 import html
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
@@ -19,11 +21,41 @@ from ..options import specs
 from .context import UIContext
 from .forms import render_options
 from .progress import JobRunner
-from .training_jobs import PREVIEW_FIELDS, with_txt2img_preview
+from .training_jobs import PREVIEW_FIELDS, TrainRequest, with_txt2img_preview
 from .widgets import (error_text, interrupt_button, outcome, progress_panel, refresh_button, run_and_report,
                       unsupported_note, watch_js)
 
 TEMPLATE_OPTION = "template_file"
+
+
+Row = tuple[str, str, str]
+"""(name, details, path) of one file in a folder listing."""
+
+
+class FolderListing:
+    """A method's folder as its train tab lists it. The library is made on the first look and refreshed
+    on each later one (it rereads changed files only); a lock, because gradio calls in from several threads."""
+
+    def __init__(self, make_library: Callable[[Path], Any], folder: Path, rows: Callable[[Any], list[Row]], *,
+                 elem_id: str, empty: str):
+        self.make_library, self.folder, self.rows = make_library, folder, rows
+        self.elem_id, self.empty = elem_id, empty
+        self._lock = threading.Lock()
+        self._library = None
+
+    def library(self):
+        with self._lock:
+            if self._library is None:
+                self._library = self.make_library(self.folder)
+            else:
+                self._library.refresh()
+            return self._library
+
+    def names(self) -> list[str]:
+        return self.library().names()
+
+    def html(self) -> str:
+        return files_table(self.rows(self.library()), self.elem_id, self.empty)
 
 
 @dataclass
@@ -34,13 +66,12 @@ class TrainTabSpec:
     """What is trained, for labels ("embedding")."""
     options_cls: type
     name_option: str
-    """The option of `options_cls` naming the file to train; rendered as a dropdown of `choices()`."""
-    choices: Callable[[], list[str]]
+    """The option of `options_cls` naming the file to train; rendered as a dropdown of the listing's names."""
     job: Callable[[Any, Any], Any]
     """``job(TrainRequest, JobContext) -> result``."""
-    files_html: Callable[[], str]
-    """The listing of the output folder."""
-    make_request: Callable[[Any, UIContext], Any]
+    listing: FolderListing
+    """The folder the trained files are picked from and written to."""
+    make_request: Callable[[Any, UIContext], Any] = TrainRequest
 
 
 def option_spec(cls, name: str):
@@ -50,7 +81,7 @@ def option_spec(cls, name: str):
     raise KeyError(f"{cls.__name__} has no option {name!r}")
 
 
-def files_table(rows: list[tuple[str, str, str]], elem_id: str, empty: str) -> str:
+def files_table(rows: list[Row], elem_id: str, empty: str) -> str:
     """An HTML table of (name, details, path); details starting with "skipped" are greyed out."""
     if not rows:
         return f'<div class="alchemy-note" id="{elem_id}">{html.escape(empty)}</div>'
@@ -71,7 +102,7 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
     defaults = context.defaults_for(spec.options_cls)
     name_spec = option_spec(spec.options_cls, spec.name_option)
     template_spec = option_spec(spec.options_cls, TEMPLATE_OPTION)
-    names = spec.choices()
+    names = spec.listing.names()
     with gr.Row(elem_id=prefix):
         with gr.Column(scale=3):
             with gr.Row():
@@ -92,7 +123,7 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
         with gr.Column(scale=2):
             progress_panel(spec.panel)
             result = gr.Textbox(label="Result", lines=4, interactive=False, elem_id=f"{prefix}_result")
-            files = gr.HTML(spec.files_html(), elem_id=f"{prefix}_files")
+            files = gr.HTML(spec.listing.html(), elem_id=f"{prefix}_files")
 
     n_options = len(form.inputs)
 
@@ -103,14 +134,14 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
             options, note = with_txt2img_preview(options, values[n_options:])
             request = spec.make_request(options, context)
         except AlchemyError as exc:
-            return error_text(exc), spec.files_html(), gr.update()
+            return error_text(exc), spec.listing.html(), gr.update()
         p = run_and_report(runner, spec.job, request,
                            title=f"Training {spec.noun} {getattr(options, spec.name_option)}", panel=spec.panel)
         text = outcome(p) + (f"\n{note}" if note else "")
-        return text, spec.files_html(), gr.update(choices=spec.choices())
+        return text, spec.listing.html(), gr.update(choices=spec.listing.names())
 
     def on_refresh():
-        return gr.update(choices=spec.choices()), spec.files_html()
+        return gr.update(choices=spec.listing.names()), spec.listing.html()
 
     start.click(fn=on_train, inputs=[name, template, *form.inputs, *from_txt2img], outputs=[result, files, name],
                 _js=watch_js(spec.panel))

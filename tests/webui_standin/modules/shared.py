@@ -19,7 +19,7 @@ cmd_opts = argparse.Namespace(
     data_dir=data_path, models_dir=None, embeddings_dir=os.path.join(data_path, "embeddings"),
     hypernetwork_dir=os.path.join(models_path, "hypernetworks"),
     textual_inversion_templates_dir=os.path.join(data_path, "textual_inversion_templates"),
-    medvram=False, medvram_sdxl=False, lowvram=False, api=False, nowebui=False, no_half=False,
+    medvram=False, medvram_sdxl=False, lowvram=False, api=False, api_auth=None, nowebui=False, no_half=False,
     disable_extension_access=False, freeze_settings=False, ui_debug_mode=False,
 )
 
