@@ -95,3 +95,39 @@ def test_bad_tagger_caption_options_fail_before_the_model_loads(wd14):
         tagger_captioner(str(wd14), CaptionOptions(exclude=["/([/"]))
     with pytest.raises(AlchemyError, match="rating"):
         tagger_captioner(str(wd14), CaptionOptions(rating="top"))
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    return {a.dest: (tuple(a.option_strings), a.help) for a in parser._actions if a.option_strings}
+
+
+def test_preprocess_offers_the_tag_commands_model_source_flags(wd14, src, tmp_path, monkeypatch):
+    from extensions_lib.commands import dataset
+    from extensions_lib.preprocess import tagging
+    from extensions_lib.tagger.options import MODEL_SOURCE_OPTIONS
+
+    parser = argparse.ArgumentParser(prog="alchemy")
+    commands = parser.add_subparsers(dest="command")
+    dataset.register(commands)
+    tag, preprocess = _flags(commands.choices["tag"]), _flags(commands.choices["preprocess"])
+    for name in MODEL_SOURCE_OPTIONS:  # the same declaration renders the same flag and help in both
+        assert preprocess[name] == tag[name], name
+
+    loads = []
+    real_load = tagging.load_tagger
+    monkeypatch.setattr(tagging, "load_tagger",
+                        lambda folder, **kw: loads.append((folder, kw)) or real_load(folder, **kw))
+    dst = tmp_path / "out"
+    args = parser.parse_args(["preprocess", str(src), str(dst), "--width", "64", "--height", "64",
+                              "--tagger-model", wd14.name, "--models-dir", str(wd14.parent), "--device", "cpu",
+                              "--device-id", "1", "--general-threshold", "0", "--max-tags", "1", "--recursive"])
+    assert args.func(args) == 0
+    assert loads == [(wd14, {"device": "cpu", "device_id": 1, "report": loads[0][1]["report"]})]
+    assert len((dst / "00000-0-a.txt").read_text(encoding="utf-8").split(", ")) == 1
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # --download of a known model: refused at once, folder named
+    args = parser.parse_args(["preprocess", str(src), str(tmp_path / "out2"), "--tagger-model", "wd-vit-tagger-v3",
+                              "--models-dir", str(tmp_path / "models"), "--download"])
+    with pytest.raises(AlchemyError) as err:
+        args.func(args)
+    assert "HF_HUB_OFFLINE" in err.value.message and str(tmp_path / "models" / "wd-vit-tagger-v3") in str(err.value)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from extensions_lib.errors import AlchemyError
-from extensions_lib.tagger.captions import (mcut_threshold, merge_existing, render_caption, split_caption,
-                                            tag_key)
+from extensions_lib.tagger.captions import (mcut_threshold, merge_caption, merge_existing, render_caption,
+                                            split_caption, tag_key)
 from extensions_lib.tagger.labels import Labels, read_selected_tags
 from extensions_lib.tagger.options import DEEPDANBOORU_THRESHOLDS, CaptionOptions
 from tagger_models import tag_rows, write_selected_tags
@@ -154,6 +154,27 @@ def test_split_and_merge_helpers():
     assert tag_key(r" Hat_\(Object\) ") == "hat (object)"
     opts = CaptionOptions(existing_caption="prepend")
     assert merge_existing(["x", "y"], "Y, z", opts) == ["x", "y", "z"]
+
+
+def test_merge_replaces_what_an_earlier_run_wrote_and_keeps_the_users_tags():
+    # On disk: an earlier append run's trigger and model tags around the user's "my tag" and "Long Hair"
+    # (records are compared like tags: case, "_" and spaces ignored).
+    existing = "sks, my tag, Long Hair, old one, old two"
+    earlier = ["sks", "old_one", "Old Two"]
+    new = ["ohwx", "long hair", "new one"]
+    opts = CaptionOptions(existing_caption="append", trigger_tags=["ohwx"])
+    # The user already has "long hair": it stays the user's, so this run does not count it as its own
+    # (a later run that no longer finds the tag leaves it in place).
+    assert merge_caption(new, existing, opts, earlier) == (["ohwx", "my tag", "Long Hair", "new one"],
+                                                           ["ohwx", "new one"])
+    assert merge_caption(new, existing, dataclasses.replace(opts, existing_caption="prepend"), earlier) == \
+        (["ohwx", "long hair", "new one", "my tag"], ["ohwx", "new one"])
+    assert merge_caption(new, existing, dataclasses.replace(opts, existing_caption="overwrite"), earlier) == \
+        (new, new)
+    # Without a record every existing tag counts as the user's (a folder tagged elsewhere).
+    assert merge_existing(new, existing, opts) == ["ohwx", "sks", "my tag", "Long Hair", "old one", "old two",
+                                                   "new one"]
+    assert merge_caption(new, None, opts, earlier) == (new, new)
 
 
 def test_selected_tags_csv_round_trip(tmp_path):

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 from extensions_lib.errors import AlchemyError
+from extensions_lib.tagger.captions import format_tag
 from extensions_lib.tagger import (CaptionOptions, TagRunOptions, decode_image, load_tagger, predict_images,
                                    render_caption, tag_directory)
 from tagger_models import make_wd14_folder, random_image
@@ -67,15 +70,17 @@ class Counting:
     def __init__(self, inner, fail_on_call: int | None = None, exc: BaseException | None = None):
         self.inner, self.calls, self.images = inner, 0, 0
         self.fail_on_call, self.exc = fail_on_call, exc
+        self.lock = threading.Lock()  # the pipeline may run several predict calls at once
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def predict(self, batch):
-        self.calls += 1
-        if self.fail_on_call is not None and self.calls >= self.fail_on_call:
-            raise self.exc
-        self.images += len(batch)
+        with self.lock:
+            self.calls += 1
+            if self.fail_on_call is not None and self.calls >= self.fail_on_call:
+                raise self.exc
+            self.images += len(batch)
         return self.inner.predict(batch)
 
 
@@ -136,6 +141,37 @@ def test_batched_fixed_and_single_runs_write_identical_captions(tmp_path, models
         results.append(captions_of(out))
     assert results[0] == results[1] == results[2]
     assert len(results[0]) == len(GOOD) and len(set(results[0].values())) > 3
+
+
+class Overlapping(Counting):
+    """Makes each predict call last long enough for concurrent calls to meet, and records how many did."""
+
+    def __init__(self, inner, parallel_runs: int):
+        super().__init__(inner)
+        self.parallel_runs, self.active, self.most = parallel_runs, 0, 0
+
+    def predict(self, batch):
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            time.sleep(0.05)
+            return super().predict(batch)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_parallel_runs_overlap_and_write_the_same_captions(tmp_path, models):
+    data = make_dataset(tmp_path / "data")
+    results = {}
+    for runs in (1, 3):
+        tagger = Overlapping(models["free"], runs)
+        out = tmp_path / f"out-{runs}"
+        summary = tag_directory(data, tagger, OPTS, run_opts(tmp_path, batch_size=2, output_dir=out, cache=False))
+        assert tagger.most == runs and summary.inferred == len(GOOD) and tagger.images == len(GOOD)
+        results[runs] = captions_of(out)
+    assert results[1] == results[3] and len(results[1]) == len(GOOD)
 
 
 def test_skip_policy_resumes_without_decoding_or_inference(tmp_path, models):
@@ -219,6 +255,40 @@ def test_append_and_prepend_on_disk_drop_duplicates(tmp_path, models):
     (data / "p.txt").write_text("my tag", encoding="utf-8")
     tag_directory(data, models["free"], dataclasses.replace(OPTS, existing_caption="prepend"), run_opts(tmp_path))
     assert (data / "p.txt").read_text(encoding="utf-8") == ", ".join(fresh + ["my tag"])
+
+
+@pytest.mark.parametrize("policy", ["append", "prepend"])
+def test_rerender_replaces_the_earlier_runs_tags_and_keeps_the_users(tmp_path, models, policy):
+    tagger = models["free"]
+    data = tmp_path / "data"
+    data.mkdir()
+    random_image(np.random.default_rng(4), 40, 40).save(data / "p.png")
+    scores = predict_images(tagger, [decode_image(data / "p.png")])[0]
+    first = dataclasses.replace(OPTS, existing_caption=policy, trigger_tags=["sks"])
+    general = [(float(scores[i]), format_tag(tagger.labels.names[i], first)) for i in tagger.labels.indices(0)
+               if scores[i] >= first.general_threshold]
+    (low, shared), (next_low, _), *_, (_, dropped) = sorted(general)  # needs 3+ tags: the fixture gives them
+    # The user's caption shares one tag with the model: it stays the user's even when a later run
+    # no longer finds that tag.
+    (data / "p.txt").write_text(f"my tag, {shared}", encoding="utf-8")
+    tag_directory(data, tagger, first, run_opts(tmp_path))
+    after_first = (data / "p.txt").read_text(encoding="utf-8").split(", ")
+    assert {"sks", dropped} <= set(after_first)
+    with open(data / "p.txt", "a", encoding="utf-8") as fh:  # a hand edit between the runs
+        fh.write(", hand added")
+    # Re-render from the cached scores with a new trigger, a higher threshold and one tag excluded.
+    later = dataclasses.replace(first, trigger_tags=["ohwx"], general_threshold=(low + next_low) / 2,
+                                exclude=[dropped], sort="alphabetical")
+    no_model = Counting(tagger, fail_on_call=1, exc=AssertionError("the model ran despite the cache"))
+    assert tag_directory(data, no_model, later, run_opts(tmp_path)).from_cache == 1
+    text = (data / "p.txt").read_text(encoding="utf-8")
+    # Exactly what one run with the later options gives on the user's own caption: none of the first
+    # run's tags are left over ("sks", the excluded tag), the user's ("shared" too) all stay, in the
+    # file's order (prepend had put "shared", being the model's too, ahead of "my tag").
+    own = ["my tag", shared] if policy == "append" else [shared, "my tag"]
+    assert text == render_caption(scores, tagger.labels, later, existing_text=", ".join(own + ["hand added"]))
+    assert "sks" not in text.split(", ") and dropped not in text.split(", ") and shared in text.split(", ")
+    assert sorted(p.name for p in data.iterdir()) == ["p.png", "p.txt"], "the record belongs in the cache folder"
 
 
 def test_utf8_output_and_legacy_encoded_existing_caption(tmp_path, models):

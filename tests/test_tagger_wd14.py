@@ -10,7 +10,7 @@ import torch
 
 from extensions_lib.errors import AlchemyError
 from extensions_lib.tagger import CaptionOptions, ModelSlot, load_tagger, predict_images, render_caption
-from extensions_lib.tagger.wd14 import Wd14Tagger
+from extensions_lib.tagger.wd14 import Wd14Tagger, available_cores, cpu_split
 from tagger_models import TinyWd14, export_onnx, make_wd14_folder, random_image, tag_rows, write_selected_tags
 
 
@@ -74,6 +74,17 @@ def test_fixed_batch_model_gets_exactly_its_batch(folders, images, monkeypatch):
     monkeypatch.setattr(tagger.session, "run", spy, raising=False)
     tagger.predict(np.stack([tagger.prepare(im) for im in images[:3]]))
     assert seen == [1, 1, 1]
+
+
+def test_cpu_cores_split_between_two_runs_and_the_numbers_stay_the_same(folders, images):
+    assert [cpu_split(n) for n in (1, 2, 3, 16)] == [(1, 1), (2, 1), (2, 2), (2, 8)]
+    assert cpu_split(16, intra_threads=3) == (1, 3)  # an explicit thread count: one run
+    split = Wd14Tagger(folders["big"], device="cpu")
+    assert split.parallel_runs == cpu_split(available_cores())[0]
+    one_run = Wd14Tagger(folders["big"], device="cpu", intra_threads=2)
+    assert one_run.parallel_runs == 1
+    batch = np.stack([split.prepare(im) for im in images])
+    np.testing.assert_array_equal(split.predict(batch), one_run.predict(batch))
 
 
 def test_tag_list_that_does_not_fit_the_model(tmp_path):

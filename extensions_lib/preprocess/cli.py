@@ -7,7 +7,7 @@ from ..options import add_cli_arguments, from_cli
 from .focal import opencv_face_detector
 from .options import PreprocessOptions
 from .run import preprocess_directory
-from .tagging import add_tagger_arguments, caption_options_from_cli, tagger_captioner
+from .tagging import add_tagger_arguments, caption_options_from_cli, model_source_from_cli, tagger_captioner
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,10 @@ def run_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     options = from_cli(PreprocessOptions, args)
+    source = model_source_from_cli(args)
     captioner, caption_id, closer = tagger_captioner(options.tagger_model, caption_options_from_cli(args),
+                                                     models_dir=source.models_dir, download=source.download,
+                                                     device=source.device, device_id=source.device_id,
                                                      report=lambda line: print(f"alchemy: {line}"))
     bar = tqdm(total=0, unit="img", dynamic_ncols=True)
 

@@ -80,9 +80,9 @@ class PreprocessOptions:
                                        help="largest accepted aspect-ratio error (0 = exact)",
                                        minimum=0.0, maximum=1.0, step=0.01, group="Auto-sized crop")
 
-    tagger_model: str = option("", help="tagger model folder (WD14: model.onnx + selected_tags.csv; or a "
-                               "DeepDanbooru folder) used to caption every output; empty: no tagger captions",
-                               group="Captions")
+    tagger_model: str = option("", help="tagger model used to caption every output: a folder (WD14: model.onnx + "
+                               "selected_tags.csv; or a DeepDanbooru folder), a folder name inside --models-dir, or "
+                               "a known model name (with --download); empty: no tagger captions", group="Captions")
 
 
 def validate(options: PreprocessOptions) -> PreprocessOptions:

@@ -22,6 +22,8 @@ class Tagger(Protocol):
 
     `prepare` turns one decoded image into the model's input array (pure, safe to call from many
     threads); `predict` runs a stacked batch of them and returns one probability row per image.
+    A tagger may also say how many `predict` calls the directory pipeline should keep running at
+    once (`parallel_runs`, default 1; each call then uses its share of the cores).
     """
 
     name: str

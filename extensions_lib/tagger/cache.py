@@ -5,10 +5,15 @@ running the model again. Keys are content hashes, not file names, so a replaced 
 served stale scores and a renamed one keeps its entry. One small `.npy` file per image and model,
 written atomically (a crash leaves either the old entry or none), lives outside the image folder by
 default. A damaged entry reads as a miss and is rewritten.
+
+Beside the scores, :class:`WrittenTags` remembers which tags a run wrote into each caption file, so
+an append/prepend re-run (a re-render from cached scores with other thresholds, say) replaces
+exactly those and keeps the tags the user wrote by hand.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -52,3 +57,34 @@ class ScoreCache:
             raise ValueError(f"expected {self.n_labels} scores, got shape {scores.shape}")
         with atomic_open(self._path(key), "wb") as fh:
             np.save(fh, scores, allow_pickle=False)
+
+
+class WrittenTags:
+    """The tags a tagger run added to each caption file, under `root/written/<ab>/<hash of the path>.json`.
+
+    Keyed by the caption's absolute path: a moved folder loses the record, and then its tags simply
+    count as the user's (the behaviour without a record). A missing or damaged record reads as none.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.dir = Path(root) / "written"
+
+    def _path(self, caption: Path) -> tuple[Path, str]:
+        name = str(Path(caption).resolve())
+        key = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()
+        return self.dir / key[:2] / f"{key}.json", name
+
+    def get(self, caption: str | os.PathLike) -> list[str]:
+        path, name = self._path(Path(caption))
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        if not isinstance(record, dict) or record.get("caption") != name or not isinstance(record.get("tags"), list):
+            return []
+        return [t for t in record["tags"] if isinstance(t, str)]
+
+    def put(self, caption: str | os.PathLike, tags: list[str]) -> None:
+        path, name = self._path(Path(caption))
+        with atomic_open(path, "w") as fh:
+            json.dump({"caption": name, "tags": list(tags)}, fh)  # ASCII: any path survives, odd bytes too

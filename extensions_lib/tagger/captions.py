@@ -222,20 +222,40 @@ def join_caption(tags: Sequence[str], separator: str = ", ") -> str:
     return separator.join(tags)
 
 
-def merge_existing(new_tags: Sequence[str], existing_text: str | None, opts: CaptionOptions) -> list[str]:
-    """Combine fresh tags with a caption already on disk according to `opts.existing_caption`.
+def user_tags(existing_text: str, written_before: Iterable[str], separator: str = ", ") -> list[str]:
+    """The existing caption's tags less those an earlier tagger run wrote (compared by :func:`tag_key`):
+    what the user wrote or kept by hand."""
+    ours = {tag_key(t) for t in written_before}
+    return [t for t in split_caption(existing_text, separator) if tag_key(t) not in ours]
 
-    append = existing tags then new ones; prepend = new then existing; overwrite = new only;
-    skip = the existing caption unchanged. Trigger tags stay first and duplicates are dropped.
+
+def merge_caption(new_tags: Sequence[str], existing_text: str | None, opts: CaptionOptions,
+                  written_before: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """(the caption's tags, the tags this run adds to it) for a caption possibly already on disk.
+
+    `existing_text` is the caption file's text, `written_before` the tags an earlier run wrote into it
+    (remembered by the directory pipeline): on append/prepend those are replaced by `new_tags`, so
+    re-rendering with other thresholds or filters never leaves an old run's tags behind, while the
+    user's own tags stay. append = user tags then new ones; prepend = new then user tags;
+    overwrite = new only; skip = the existing caption unchanged. Trigger tags stay first, duplicates go.
+    The tags "added" are the new ones the user had not written: those alone are this run's to replace
+    next time.
     """
     policy = opts.existing_caption
     if existing_text is None or policy == "overwrite":
-        return list(new_tags)
-    existing = split_caption(existing_text, opts.separator)
+        return list(new_tags), list(new_tags)
+    own = user_tags(existing_text, written_before, opts.separator)
     if policy == "skip":
-        return existing
-    merged = existing + list(new_tags) if policy == "append" else list(new_tags) + existing
-    return dedupe(split_entries(opts.trigger_tags) + merged)
+        return split_caption(existing_text, opts.separator), []
+    merged = own + list(new_tags) if policy == "append" else list(new_tags) + own
+    own_keys = {tag_key(t) for t in own}
+    return dedupe(split_entries(opts.trigger_tags) + merged), [t for t in new_tags if tag_key(t) not in own_keys]
+
+
+def merge_existing(new_tags: Sequence[str], existing_text: str | None, opts: CaptionOptions,
+                   written_before: Iterable[str] = ()) -> list[str]:
+    """The caption's tags: :func:`merge_caption` without the bookkeeping."""
+    return merge_caption(new_tags, existing_text, opts, written_before)[0]
 
 
 def render_caption(probs: np.ndarray, labels: Labels, opts: CaptionOptions,

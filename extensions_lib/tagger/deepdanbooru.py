@@ -241,6 +241,8 @@ class DeepDanbooruTagger:
         if report:
             report(f"DeepDanbooru: {len(self.labels)} tags on {self.device}")
 
+    parallel_runs = 1  # torch spreads one call over every core itself
+
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"

@@ -56,8 +56,15 @@ class CaptionOptions:
                            multiple=True, widget="textbox", group="Filters")
     existing_caption: str = option("skip", help="when a caption file already exists: skip the image (no "
                                                 "inference, so a re-run resumes), overwrite it, append the new "
-                                                "tags after it or prepend them before it (duplicates dropped)",
+                                                "tags after it or prepend them before it (duplicates dropped; tags "
+                                                "an earlier run wrote are replaced, your own kept: the score cache "
+                                                "folder remembers which are which)",
                                    choices=list(EXISTING_POLICIES), group="Existing captions")
+
+
+# The options saying where a tagger model comes from and where it runs. `alchemy preprocess` offers
+# these same declarations beside its --tagger-model (see extensions_lib/preprocess/tagging.py).
+MODEL_SOURCE_OPTIONS = ("models_dir", "download", "device", "device_id")
 
 
 @dataclass
@@ -75,7 +82,7 @@ class TagRunOptions:
     output_dir: Optional[Path] = option(None, help="write captions here, mirroring the input folders, "
                                                    "instead of beside each image", ui=False)
     caption_extension: str = option(".txt", help="caption file extension")
-    batch_size: int = option(0, help="images per model call; 0 = automatic (4 on CPU, 16 on GPU; fixed-batch "
+    batch_size: int = option(0, help="images per model call; 0 = automatic (1 on CPU, 16 on GPU; fixed-batch "
                                      "models always get their own)", minimum=0)
     workers: int = option(0, help="image decoding threads; 0 = automatic", minimum=0)
     cache: bool = option(True, help="cache raw scores per (image content, model) so changed thresholds or "

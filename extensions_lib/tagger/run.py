@@ -1,9 +1,9 @@
 """Tag a folder of images: decode in threads, infer in batches, write captions atomically.
 
 Pipeline: a bounded window of decode jobs runs in a thread pool (read bytes, hash, look up the
-score cache, decode, prepare the model input) while the calling thread runs the model on full
-batches (fixed-batch models: their own batch size) and a writer thread renders and writes captions.
-PIL, numpy and onnxruntime/torch release the GIL, so the three overlap.
+score cache, decode, prepare the model input) while the model runs on full batches (fixed-batch
+models: their own batch size; as many calls at once as the tagger's `parallel_runs`) and a writer
+thread renders and writes captions. PIL, numpy and onnxruntime/torch release the GIL, so they overlap.
 
 Safety: an image whose caption exists under the `skip` policy is never decoded nor inferred (a re-run
 resumes); captions are UTF-8 and written temp-file + rename; a caption path can never be an image
@@ -29,15 +29,16 @@ from PIL import Image
 from ..atomic import atomic_open, write_text
 from ..errors import AlchemyError
 from .base import Tagger, predict_images
-from .cache import ScoreCache, content_hash, default_cache_dir
-from .captions import caption_tags, check_options, join_caption, merge_existing, render_caption, thresholds
+from .cache import ScoreCache, WrittenTags, content_hash, default_cache_dir
+from .captions import caption_tags, check_options, join_caption, merge_caption, render_caption, thresholds
 from .image_io import ImageSkipped, decode_image, image_extensions, list_images
 from .labels import RATING
 from .options import CaptionOptions, TagRunOptions
 
-# Free-batch models: small batches are fastest on a CPU (the cores are busy either way), large ones
-# keep a GPU fed. Measured with bench/bench_tagger.py.
-CPU_BATCH, GPU_BATCH = 4, 16
+# Free-batch models on a CPU: one image per call. One WD14-sized image (tens of GMACs) already keeps
+# every core busy, so batching saves nothing: batches of 2, 4 and 8 ran 2-8% slower than single
+# images (bench/bench_tagger.py, ConvNeXt-Base stand-in); a GPU needs large batches to stay fed.
+CPU_BATCH, GPU_BATCH = 1, 16
 MANIFEST_FLOOR = 0.1
 
 
@@ -197,15 +198,18 @@ def tag_directory(input_dir: str | os.PathLike, tagger: Tagger, caption_opts: Ca
 
 
 class _Pipeline:
-    """One directory run: decoder pool -> batched inference (calling thread) -> writer thread."""
+    """One directory run: decoder pool -> batched inference (`tagger.parallel_runs` calls at once) ->
+    writer thread. The calling thread only hands work on, in order."""
 
     def __init__(self, root: Path, tagger: Tagger, caption_opts: CaptionOptions, run: TagRunOptions,
                  summary: RunSummary, progress, should_stop):
         self.root, self.tagger, self.opts, self.run_opts, self.summary = root, tagger, caption_opts, run, summary
         self.progress, self.should_stop = progress, should_stop
-        self.cache = ScoreCache(run.cache_dir or default_cache_dir(), tagger.model_id, len(tagger.labels)) \
-            if run.cache else None
+        cache_dir = run.cache_dir or default_cache_dir()
+        self.cache = ScoreCache(cache_dir, tagger.model_id, len(tagger.labels)) if run.cache else None
+        self.written = WrittenTags(cache_dir) if run.cache else None  # see captions.merge_caption
         self.batch_size = tagger.fixed_batch or run.batch_size or default_batch(tagger)
+        self.runs = max(1, int(getattr(tagger, "parallel_runs", 1)))
         self.workers = run.workers or max(1, min(4, os.cpu_count() or 1))
         self.records: list[dict] = []
         self.done = 0
@@ -213,10 +217,13 @@ class _Pipeline:
     def run(self, jobs: list[_Job]) -> None:
         self.done = self.summary.total - len(jobs)
         self._tick()
-        window = max(2 * self.batch_size, 2 * self.workers)  # decoded-ahead images: bounded memory
+        # Decoded-ahead images (bounded memory): enough to fill every run's next batch while they work.
+        window = max(2 * self.batch_size * self.runs, 2 * self.workers)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tagger-decode")
+        infer = ThreadPoolExecutor(self.runs, thread_name_prefix="tagger-infer")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="tagger-write")  # one thread: ordered, no locks
         queue: collections.deque[Future] = collections.deque()
+        running: collections.deque[tuple[list[_Job], Future]] = collections.deque()
         pending = iter(jobs)
         batch: list[_Job] = []
         want_hash = bool(self.run_opts.manifest)
@@ -237,17 +244,21 @@ class _Pipeline:
                 else:
                     batch.append(job)
                     if len(batch) >= self.batch_size:
-                        self._infer(batch)
+                        self._start(batch, infer, running)
+                        batch = []
                 if self.should_stop and self.should_stop():
                     self.summary.interrupted = True
                     break
-            self._infer(batch)  # the rest, or on a stop request the images already decoded
-        except KeyboardInterrupt:
+            self._start(batch, infer, running)  # the rest, or on a stop request the images already decoded
+            while running:
+                self._collect(*running.popleft())
+        except KeyboardInterrupt:  # batches still running are abandoned; captions written so far stay
             self.summary.interrupted = True
         finally:
             for fut in queue:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            infer.shutdown(wait=True, cancel_futures=True)
             self.writer.shutdown(wait=True)
         if self.run_opts.manifest:
             self._write_manifest()
@@ -260,27 +271,39 @@ class _Pipeline:
         self.done += n
         self._tick()
 
-    def _infer(self, batch: list[_Job]) -> None:
+    def _start(self, batch: list[_Job], infer: ThreadPoolExecutor,
+               running: collections.deque[tuple[list[_Job], Future]]) -> None:
+        """Run the model on `batch` once a run is free (results are collected in order)."""
         if not batch:
             return
-        scores = self.tagger.predict(np.stack([j.array for j in batch]))
-        for job, row in zip(batch, scores):
+        while len(running) >= self.runs:
+            self._collect(*running.popleft())
+        inputs = np.stack([j.array for j in batch])
+        for job in batch:
             job.array = None
+        running.append((batch, infer.submit(self.tagger.predict, inputs)))
+
+    def _collect(self, batch: list[_Job], result: Future) -> None:
+        scores = result.result()
+        for job, row in zip(batch, scores):
             self.writer.submit(self._write, job, row, True)
         self.summary.inferred += len(batch)
-        n = len(batch)
-        batch.clear()
-        self._finished(n)
+        self._finished(len(batch))
 
     def _write(self, job: _Job, scores: np.ndarray, inferred: bool) -> None:
-        """Writer thread: cache the scores, merge with an existing caption, write it atomically."""
+        """Writer thread: cache the scores, merge with an existing caption, write it atomically, and
+        remember which tags this run added (a later append/prepend replaces exactly those)."""
         opts, tagger = self.opts, self.tagger
         try:
             if self.cache is not None and inferred:
                 self.cache.put(job.key, scores)
             merging = opts.existing_caption in ("append", "prepend")
             existing = _read_existing(job.caption) if merging and job.caption.exists() else None
-            tags = merge_existing(caption_tags(scores, tagger.labels, opts, tagger.default_thresholds), existing, opts)
+            before = self.written.get(job.caption) if existing is not None and self.written is not None else []
+            new = caption_tags(scores, tagger.labels, opts, tagger.default_thresholds)
+            tags, added = merge_caption(new, existing, opts, before)
+            if self.written is not None:  # first: a failure here leaves the caption as it was, and says so
+                self.written.put(job.caption, added)
             write_text(job.caption, join_caption(tags, opts.separator))
         except Exception as exc:  # this runs in a thread nobody joins on results: report, never drop silently
             self.summary.skipped.append((str(job.image), f"caption not written ({type(exc).__name__}: {exc})"))
