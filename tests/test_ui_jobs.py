@@ -106,6 +106,29 @@ def test_preprocess_job_writes_the_training_folder(context, tmp_path):
     assert missing.state == "failed" and "no destination folder given" in missing.error
 
 
+def test_preprocess_captions_through_the_tag_tabs_model_slot(context, tmp_path):
+    """One tagger resident at a time: preprocessing takes the shared slot's model (replacing the one the
+    tag tab loaded), and its captions are the tagger's own."""
+    from tagger_models import make_wd14_folder
+
+    make_wd14_folder(context.tagger_models_dir / "tiny")
+    make_wd14_folder(context.tagger_models_dir / "other", seed=3)
+    first = context.tagger().get(context.tagger_models_dir / "other")
+    src = make_folder(tmp_path / "src", n=2, size=(64, 64), captions=False)
+    dst = tmp_path / "dst"
+    caption = CaptionOptions(general_threshold=0.4)
+    request = PreprocessRequest(str(src), str(dst), PreprocessOptions(width=64, height=64, tagger_model="tiny"),
+                                caption, context)
+    p = run_job(ThreadJobRunner(), preprocess_folder, request, title="pre")
+    assert p.state == "done", p.error
+    slot_tagger = context.tagger().current
+    assert slot_tagger is not None and slot_tagger is not first
+    assert first.session is None  # the replaced model was unloaded
+    outputs = sorted(dst.glob("*.png"))
+    expected = caption_images(slot_tagger, [decode_image(f) for f in outputs], caption)
+    assert [f.with_suffix(".txt").read_text(encoding="utf-8") for f in outputs] == expected
+
+
 # ---- embeddings -----------------------------------------------------------------------------------------
 
 def test_create_train_and_generate_with_an_embedding(context, tmp_path):

@@ -53,12 +53,18 @@ def tagger_captioner(model: str, caption_options: CaptionOptions | None = None, 
     """
     if not model:
         return None, "", lambda: None
-    opts = check_options(caption_options or CaptionOptions())  # a bad /regex/ fails before the model loads
+    check_options(caption_options or CaptionOptions())  # a bad /regex/ fails before the model loads
     folder = resolve_model(model, models_dir, download=download, report=report)
     tagger = load_tagger(folder, device=device, device_id=device_id, report=report)
+    return (*captioner_for(tagger, caption_options), tagger.unload)
+
+
+def captioner_for(tagger, caption_options: CaptionOptions | None = None) -> tuple[Captioner, str]:
+    """(captioner, id of the model + caption settings) for an already loaded `tagger` (the UI's shared
+    tagger slot: one model resident at a time)."""
+    opts = check_options(caption_options or CaptionOptions())
 
     def captioner(images):
         return caption_images(tagger, images, opts)
 
-    caption_id = f"{tagger.model_id}:{json.dumps(to_dict(opts), sort_keys=True)}"
-    return captioner, caption_id, tagger.unload
+    return captioner, f"{tagger.model_id}:{json.dumps(to_dict(opts), sort_keys=True)}"

@@ -104,22 +104,23 @@ def preprocess_folder(request: PreprocessRequest, job: JobContext):
     """Turn the source folder into a training folder; returns the :class:`PreprocessSummary`."""
     from ..preprocess.focal import opencv_face_detector
     from ..preprocess.run import preprocess_directory
-    from ..preprocess.tagging import tagger_captioner
+    from ..preprocess.tagging import captioner_for
+    from ..tagger.captions import check_options
 
     source = _folder(request.source, "source folder", "type the path of the folder holding the source images")
     if not str(request.destination or "").strip():
         raise AlchemyError("no destination folder given", fix="type where the processed images should go")
     options = request.options
+    captioner, caption_id = None, ""
     if options.tagger_model:
-        options = dataclasses.replace(options, tagger_model=str(resolve_tagger(request.context, options.tagger_model)))
-    captioner, caption_id, unload = tagger_captioner(options.tagger_model, request.caption,
-                                                     report=lambda line: job.update(message=line))
+        check_options(request.caption)  # a bad /regex/ fails before the model loads
+        folder = resolve_tagger(request.context, options.tagger_model, job=job)
+        options = dataclasses.replace(options, tagger_model=str(folder))
+        # The tag tab's slot: loading here replaces its model instead of holding a second one.
+        captioner, caption_id = captioner_for(request.context.tagger().get(folder), request.caption)
     faces = opencv_face_detector() if options.focal_crop and options.focal_face_weight > 0 else None
-    try:
-        summary = preprocess_directory(source, Path(request.destination).expanduser(), options, captioner=captioner,
-                                       caption_id=caption_id, face_detector=faces, progress=job.counter("image"),
-                                       should_stop=job.should_stop)
-    finally:
-        unload()
+    summary = preprocess_directory(source, Path(request.destination).expanduser(), options, captioner=captioner,
+                                   caption_id=caption_id, face_detector=faces, progress=job.counter("image"),
+                                   should_stop=job.should_stop)
     job.update(message="\n".join(summary.lines()))
     return summary
