@@ -15,14 +15,6 @@ from extensions_lib.safe_pickle import safe_load
 from test_hypernetwork_train import dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_create_writes_the_webui_create_options(tmp_path, capsys):
     folder = tmp_path / "hns"
     args = ["hypernetwork", "create", "--name", "anime", "--hypernetwork-dir", str(folder), "--sizes", "768",

@@ -32,15 +32,6 @@ from extensions_lib.train.resume import resume_options
 TINY_WIDTHS = [32, 64]  # the tiny UNet's attention widths (text context and level-1 self-attention: 32; mid: 64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model is far faster on one thread than on oversubscribed shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def striped_image(path: Path, seed: int) -> Path:
     """Red vertical stripes on dark grey, noisy and shifted per seed: one shared visual concept."""
     rng = np.random.default_rng(seed)

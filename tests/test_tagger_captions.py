@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extensions_lib.errors import AlchemyError
-from extensions_lib.tagger.captions import (mcut_threshold, merge_caption, merge_existing, render_caption,
+from extensions_lib.tagger.captions import (mcut_threshold, merge_caption, render_caption,
                                             split_caption, tag_key)
 from extensions_lib.tagger.labels import Labels, read_selected_tags
 from extensions_lib.tagger.options import DEEPDANBOORU_THRESHOLDS, CaptionOptions
@@ -153,7 +153,7 @@ def test_split_and_merge_helpers():
     assert split_caption("a | b", " | ") == ["a", "b"]
     assert tag_key(r" Hat_\(Object\) ") == "hat (object)"
     opts = CaptionOptions(existing_caption="prepend")
-    assert merge_existing(["x", "y"], "Y, z", opts) == ["x", "y", "z"]
+    assert merge_caption(["x", "y"], "Y, z", opts)[0] == ["x", "y", "z"]
 
 
 def test_merge_replaces_what_an_earlier_run_wrote_and_keeps_the_users_tags():
@@ -172,8 +172,8 @@ def test_merge_replaces_what_an_earlier_run_wrote_and_keeps_the_users_tags():
     assert merge_caption(new, existing, dataclasses.replace(opts, existing_caption="overwrite"), earlier) == \
         (new, new)
     # Without a record every existing tag counts as the user's (a folder tagged elsewhere).
-    assert merge_existing(new, existing, opts) == ["ohwx", "sks", "my tag", "Long Hair", "old one", "old two",
-                                                   "new one"]
+    assert merge_caption(new, existing, opts)[0] == ["ohwx", "sks", "my tag", "Long Hair", "old one", "old two",
+                                                    "new one"]
     assert merge_caption(new, None, opts, earlier) == (new, new)
 
 

@@ -15,17 +15,8 @@ from extensions_lib.train.options import TrainingOptions
 from train_fakes import OutputLayerMethod, make_folder
 
 
-@pytest.fixture()
-def one_thread():
-    # Tiny models are dominated by thread hand-off on a shared 2-core machine; one thread is ~20x faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
-def test_loss_falls_through_adapter_predict(tmp_path, tiny_model, family, one_thread):
+def test_loss_falls_through_adapter_predict(tmp_path, tiny_model, family):
     model = tiny_model(family)
     assert model.prediction_type == ("v" if family == "sd2-v" else "eps")
     folder = make_folder(tmp_path / "data", 4)

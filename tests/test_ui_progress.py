@@ -178,13 +178,18 @@ def _toy_run(runner, method, options):
                    options, title="toy training", panel="train_embedding")
 
 
-@RUNNERS
-def test_interrupt_during_a_periodic_save_keeps_that_file_and_the_run_resumes_exactly(tmp_path, make_runner):
+def _interrupted_at_save(tmp_path, make_runner, at: int):
+    """A 10-step toy run, saving every 4 steps, interrupted from inside the save of step `at`."""
     options = TrainingOptions(seed=3, steps=10, learn_rate="0.05", log_directory=str(tmp_path / "logs"), save_every=4,
                               create_image_every=0, write_csv_every=0)
     runner = make_runner()
-    method = InterruptingSave(ToyData(n=8, batch_size=2), runner, at=4)
-    final = _toy_run(runner, method, options)
+    method = InterruptingSave(ToyData(n=8, batch_size=2), runner, at=at)
+    return options, method, _toy_run(runner, method, options)
+
+
+@RUNNERS
+def test_interrupt_during_a_periodic_save_keeps_that_file_and_the_run_resumes_exactly(tmp_path, make_runner):
+    options, method, final = _interrupted_at_save(tmp_path, make_runner, at=4)
     result = final.result
     assert method.asked is True
     assert final.state == "cancelled" and result.cancelled and result.step == 4
@@ -202,11 +207,7 @@ def test_interrupt_during_a_periodic_save_keeps_that_file_and_the_run_resumes_ex
 @RUNNERS
 def test_interrupt_during_the_final_save_reports_the_finished_run(tmp_path, make_runner):
     """The Interrupt came too late to cut the run short: it finished, and the tab must say so."""
-    options = TrainingOptions(seed=3, steps=10, learn_rate="0.05", log_directory=str(tmp_path / "logs"), save_every=4,
-                              create_image_every=0, write_csv_every=0)
-    runner = make_runner()
-    method = InterruptingSave(ToyData(n=8, batch_size=2), runner, at=10)
-    final = _toy_run(runner, method, options)
+    _options, method, final = _interrupted_at_save(tmp_path, make_runner, at=10)
     result = final.result
     assert method.asked is True and not result.cancelled and result.step == 10
     assert final.state == "done" and status_line(final).startswith("Finished: toy training (10/10 steps")

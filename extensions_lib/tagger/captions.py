@@ -252,14 +252,8 @@ def merge_caption(new_tags: Sequence[str], existing_text: str | None, opts: Capt
     return dedupe(split_entries(opts.trigger_tags) + merged), [t for t in new_tags if tag_key(t) not in own_keys]
 
 
-def merge_existing(new_tags: Sequence[str], existing_text: str | None, opts: CaptionOptions,
-                   written_before: Iterable[str] = ()) -> list[str]:
-    """The caption's tags: :func:`merge_caption` without the bookkeeping."""
-    return merge_caption(new_tags, existing_text, opts, written_before)[0]
-
-
 def render_caption(probs: np.ndarray, labels: Labels, opts: CaptionOptions,
                    defaults: tuple[float, float] = WD14_THRESHOLDS, existing_text: str | None = None) -> str:
     """The text to write for one image (the whole rule chain, existing caption included)."""
-    tags = merge_existing(caption_tags(probs, labels, opts, defaults), existing_text, opts)
+    tags, _added = merge_caption(caption_tags(probs, labels, opts, defaults), existing_text, opts)
     return join_caption(tags, opts.separator)
