@@ -22,13 +22,13 @@ from extensions_lib.preprocess.options import PreprocessOptions
 from extensions_lib.sampling.txt2img import GenerationOptions, generate_from
 from extensions_lib.tagger import CaptionOptions, TagRunOptions, caption_images, decode_image, load_tagger
 from extensions_lib.ui.app import ModelHolder, demo_checkpoint
-from extensions_lib.ui.context import UIContext
-from extensions_lib.ui.dataset_jobs import (PreprocessRequest, TagImageRequest, TagRequest, preprocess_folder,
+from extensions_lib.jobs.context import UIContext
+from extensions_lib.jobs.dataset import (PreprocessRequest, TagImageRequest, TagRequest, preprocess_folder,
                                             tag_folder, tag_image)
-from extensions_lib.ui.generate_job import GenerateRequest, Loaders, generate_images
-from extensions_lib.ui.progress import run_job
-from extensions_lib.ui.thread_runner import ThreadJobRunner
-from extensions_lib.ui.training_jobs import (CreateEmbeddingRequest, TrainRequest, create_embedding_file, for_context,
+from extensions_lib.jobs.generate import GenerateRequest, Loaders, generate_images
+from extensions_lib.jobs.progress import run_job
+from extensions_lib.jobs.thread_runner import ThreadJobRunner
+from extensions_lib.jobs.training import (CreateEmbeddingRequest, TrainRequest, create_embedding_file, for_context,
                                              train_embedding_file, train_hypernetwork_file, with_txt2img_preview)
 from train_fakes import make_folder
 

@@ -1,7 +1,7 @@
 """Alchemy's HTTP API inside the WebUI (added in ``on_app_started``), with honest status codes.
 
-Every route runs the same job functions as the tabs (``extensions_lib.ui.dataset_jobs`` /
-``training_jobs``) on the same one-at-a-time runner, with options parsed by the same option dataclasses
+Every route runs the same job functions as the tabs (``extensions_lib.jobs.dataset`` /
+``extensions_lib.jobs.training``) on the same one-at-a-time runner, with options parsed by the same option dataclasses
 (settings supply the defaults; an unknown option name is an error, not silently ignored).
 
     GET  /alchemy/v1/embeddings              embeddings the WebUI loaded (and skipped, with why)
@@ -121,7 +121,7 @@ def check_supported(context, panel: str) -> None:
 
 
 def tagger_folder(context, model: str, download: bool) -> Path:
-    from ..ui.dataset_jobs import resolve_tagger
+    from ..jobs.dataset import resolve_tagger
 
     try:
         return resolve_tagger(context, model, download=download)
@@ -164,7 +164,7 @@ class AlchemyApi:
         return caption, run, model
 
     def tag_image(self, payload: dict):
-        from ..ui.dataset_jobs import TagImageRequest, tag_image
+        from ..jobs.dataset import TagImageRequest, tag_image
 
         context = self.context()
         check_supported(context, "tagger")
@@ -176,7 +176,7 @@ class AlchemyApi:
         return self._finished(p, lambda: {"caption": p.result})
 
     def tag_folder(self, payload: dict):
-        from ..ui.dataset_jobs import TagRequest, tag_folder
+        from ..jobs.dataset import TagRequest, tag_folder
 
         context = self.context()
         check_supported(context, "tagger")
@@ -190,7 +190,7 @@ class AlchemyApi:
     def train(self, kind: str, payload: dict):
         from ..embeddings.options import EmbeddingTrainOptions
         from ..hypernetworks.train_options import HypernetworkTrainOptions
-        from ..ui.training_jobs import TrainRequest, train_embedding_file, train_hypernetwork_file
+        from ..jobs.training import TrainRequest, train_embedding_file, train_hypernetwork_file
 
         methods = {"embedding": (EmbeddingTrainOptions, train_embedding_file, "embedding_name"),
                    "hypernetwork": (HypernetworkTrainOptions, train_hypernetwork_file, "hypernetwork_name")}
@@ -230,7 +230,7 @@ class AlchemyApi:
 
     @staticmethod
     def _job_body(p) -> dict:
-        from ..ui.progress import progress_payload
+        from ..jobs.progress import progress_payload
 
         return progress_payload(p)
 

@@ -1,9 +1,10 @@
 """Gradio (3.41) tabs shared by the WebUI extension and the standalone ``alchemy ui``.
 
 Builders render into the *currently open* ``gr.Blocks`` / ``gr.Tab`` and wire their own events; they
-return nothing. Each takes a :class:`~.progress.JobRunner` (how long jobs run: the standalone
-:class:`~.thread_runner.ThreadJobRunner`, or the WebUI glue's runner over the host's GPU queue and
-``shared.state``) and a :class:`~.context.UIContext` (the model getter, our folders, host hooks)::
+return nothing. Each takes a :class:`~extensions_lib.jobs.progress.JobRunner` (how long jobs run: the standalone
+:class:`~extensions_lib.jobs.thread_runner.ThreadJobRunner`, or the WebUI glue's runner over the host's GPU
+queue and ``shared.state``) and a :class:`~extensions_lib.jobs.context.UIContext` (the model getter, our
+folders, host hooks)::
 
     build_train_tabs(runner, context, title_prefix="")   # one gr.Tab per training sub-tab, call inside gr.Tabs
     build_dataset_tabs(runner, context)                  # tagger + preprocess gr.Tab's, call inside gr.Tabs
@@ -21,17 +22,18 @@ A tab whose key ("create_embedding", "train_embedding", "create_hypernetwork", "
 "tagger", "preprocess", "txt2img") is in ``context.unsupported`` shows that reason instead of its controls.
 
 Progress: ``javascript/alchemy.js`` polls ``GET alchemy/progress`` and ``GET alchemy/progress/preview``;
-add them to the server with :func:`.routes.add_progress_routes(app, runner)` (the WebUI glue: in
-``on_app_started``). The JSON is :func:`.progress.progress_payload`; element ids are ``alchemy_*``.
+add them to the server with :func:`extensions_lib.jobs.routes.add_progress_routes(app, runner)` (the WebUI
+glue: in ``on_app_started``). The JSON is :func:`extensions_lib.jobs.progress.progress_payload`; element ids
+are ``alchemy_*``.
 
-The jobs themselves (``dataset_jobs``, ``training_jobs``, ``generate_job``) do not
-need gradio: ``fn(request, job)`` with a request dataclass, so the HTTP API can run the same processing.
+The jobs themselves live in :mod:`extensions_lib.jobs` (no gradio): ``fn(request, job)`` with a request
+dataclass, so the HTTP API can run the same processing.
 """
 from __future__ import annotations
 
-from .context import UIContext
-from .progress import JobContext, JobProgress, JobRunner, progress_payload, run_job
-from .thread_runner import ThreadJobRunner
+from ..jobs.context import UIContext
+from ..jobs.progress import JobContext, JobProgress, JobRunner, progress_payload, run_job
+from ..jobs.thread_runner import ThreadJobRunner
 
 __all__ = ["UIContext", "JobContext", "JobProgress", "JobRunner", "ThreadJobRunner", "progress_payload", "run_job",
            "build_train_tabs", "build_dataset_tabs"]

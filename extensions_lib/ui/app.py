@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 from ..errors import AlchemyError
-from .context import UIContext
-from .progress import JobRunner
+from ..jobs.context import UIContext
+from ..jobs.progress import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def build_app(runner: JobRunner, context: UIContext, *, title: str = "Alchemy"):
 def launch(runner: JobRunner, context: UIContext, *, host: str = "127.0.0.1", port: int = 7861,
            block: bool = True):
     """Serve the app; returns (demo, local url). With `block` it serves until Ctrl-C."""
-    from .routes import add_progress_routes
+    from ..jobs.routes import add_progress_routes
 
     demo = build_app(runner, context)
     # Several workers: a click handler waits for its job while other events (refresh, a second start that

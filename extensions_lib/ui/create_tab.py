@@ -10,7 +10,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..errors import AlchemyError
-from .context import UIContext
+from ..jobs.context import UIContext
 from .forms import render_options
 from .widgets import error_text, progress_panel, unsupported_note, watch_js
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..embeddings.options import CreateEmbeddingOptions
-from .context import UIContext
+from ..jobs.context import UIContext
 from .create_tab import build_create_tab
-from .progress import JobRunner
-from .training_jobs import CreateEmbeddingRequest, create_embedding_file
+from ..jobs.progress import JobRunner
+from ..jobs.training import CreateEmbeddingRequest, create_embedding_file
 from .widgets import outcome, run_and_report
 
 PANEL = "create_embedding"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..hypernetworks.create import create_hypernetwork
 from ..hypernetworks.options import CreateHypernetworkOptions
-from .context import UIContext
+from ..jobs.context import UIContext
 from .create_tab import build_create_tab
 
 PANEL = "create_hypernetwork"

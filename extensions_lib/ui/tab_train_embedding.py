@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from ..embeddings.library import EmbeddingLibrary
 from ..embeddings.options import EmbeddingTrainOptions
-from .context import UIContext
-from .progress import JobRunner
+from ..jobs.context import UIContext
+from ..jobs.progress import JobRunner
 from .train_tab import FolderListing, Row, TrainTabSpec, build_train_tab
-from .training_jobs import train_embedding_file
+from ..jobs.training import train_embedding_file
 
 PANEL = "train_embedding"
 

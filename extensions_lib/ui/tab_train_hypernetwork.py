@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from ..hypernetworks.library import HypernetworkLibrary
 from ..hypernetworks.train_options import HypernetworkTrainOptions
-from .context import UIContext
-from .progress import JobRunner
+from ..jobs.context import UIContext
+from ..jobs.progress import JobRunner
 from .train_tab import FolderListing, Row, TrainTabSpec, build_train_tab
-from .training_jobs import train_hypernetwork_file
+from ..jobs.training import train_hypernetwork_file
 
 PANEL = "train_hypernetwork"
 

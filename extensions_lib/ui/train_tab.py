@@ -18,10 +18,10 @@ import gradio as gr
 
 from ..errors import AlchemyError
 from ..options import specs
-from .context import UIContext
+from ..jobs.context import UIContext
 from .forms import render_options
-from .progress import JobRunner
-from .training_jobs import PREVIEW_FIELDS, TrainRequest, with_txt2img_preview
+from ..jobs.progress import JobRunner
+from ..jobs.training import PREVIEW_FIELDS, TrainRequest, with_txt2img_preview
 from .widgets import (error_text, interrupt_button, outcome, progress_panel, refresh_button, run_and_report,
                       unsupported_note, watch_js)
 
