@@ -167,7 +167,7 @@ def test_a_failing_job_reports_why_and_frees_the_runner(webui):
 
 def test_embedding_created_and_trained_under_medvram_reaches_the_hosts_prompts(tmp_path, tiny_checkpoint):
     from extensions_lib.embeddings.options import CreateEmbeddingOptions, EmbeddingTrainOptions
-    from extensions_lib.jobs.training import (CreateEmbeddingRequest, TrainRequest, create_embedding_file,
+    from extensions_lib.jobs.training import (CreateRequest, TrainRequest, create_embedding_file,
                                                  train_embedding_file)
 
     with standin_host(tmp_path, medvram=True) as host:
@@ -176,7 +176,7 @@ def test_embedding_created_and_trained_under_medvram_reaches_the_hosts_prompts(t
         data = make_folder(tmp_path / "data", n=2, size=(64, 64))
         runner = extension.runner
         created = runner.wait(runner.start(
-            create_embedding_file, CreateEmbeddingRequest(CreateEmbeddingOptions(name="zqxstyle", init_text="cat"),
+            create_embedding_file, CreateRequest(CreateEmbeddingOptions(name="zqxstyle", init_text="cat"),
                                                           extension.context()),
             title="Creating zqxstyle", panel="create_embedding"), 60)
         assert created.state == "done", created.error

@@ -13,5 +13,4 @@ METHOD = MethodSpec(
     cli="extensions_lib.commands.embedding",
     create_options=CreateEmbeddingOptions, create_needs_model=True,
     create_job="extensions_lib.jobs.training:create_embedding_file",
-    create_tab="extensions_lib.ui.tab_create_embedding:build_create_embedding",
 )

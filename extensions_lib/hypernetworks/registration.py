@@ -14,5 +14,4 @@ METHOD = MethodSpec(
     cli="extensions_lib.commands.hypernetwork",
     create_options=CreateHypernetworkOptions,
     create_job="extensions_lib.jobs.training:create_hypernetwork_file",
-    create_tab="extensions_lib.ui.tab_create_hypernetwork:build_create_hypernetwork",
 )

@@ -20,25 +20,32 @@ A :class:`MethodSpec` provides:
 - ``noun``: what is trained, lower case (``"embedding"``): tab titles "Create embedding" / "Train embedding",
   buttons and job titles ("Training embedding NAME").
 - ``train_options``: the training options dataclass. It should subclass
-  :class:`~extensions_lib.train.options.TrainingOptions` (the options every method shares: their defaults are
-  saved in settings, one key per option; a method whose default differs from the shared one gets its own key).
+  :class:`~extensions_lib.train.options.TrainingOptions` (the options every method shares). Their defaults are
+  saved in Settings, one shared key ``alchemy_train_<option>`` per option; where a method declares another
+  default than the methods registered before it (or for ``learn_rate``) it gets its own key
+  ``alchemy_train_<key>_<option>`` (:func:`extensions_lib.host.settings.training_keys`).
 - ``name_option``: the option of ``train_options`` that names the file to train (``"embedding_name"``); the
   train tab renders it as a dropdown of the folder's files and the API requires it.
-- ``folder``: the output folder kind: ``"embeddings"``, ``"hypernetworks"`` (or a new kind the
-  :class:`~extensions_lib.jobs.context.UIContext` is given in ``folders``). The job writes there (see
-  ``folder_option``) and calls ``context.files_changed(folder)`` after writing, so the WebUI reloads its list.
+- ``folder``: the output folder kind: ``"embeddings"`` or ``"hypernetworks"`` (``context.folder(kind)``
+  returns the host's folder). The job writes there (see ``folder_option``) and calls
+  ``context.files_changed(folder)`` after writing, so the WebUI reloads its list. A new kind must also be
+  given to :class:`~extensions_lib.jobs.context.UIContext` in ``folders`` by the WebUI glue
+  (``host/extension.py``: ``context()``, ``files_changed()``) and by ``alchemy ui`` (``ui/app.py``).
 - ``folder_option``: the option of ``train_options`` (and ``create_options``) holding that folder
   (``"embeddings_dir"``); jobs fill it from the host's folder. None: the method has no such option.
 - ``train_job``: ``"module:function"``, ``function(TrainRequest, JobContext) -> TrainResult`` (see
   :mod:`extensions_lib.jobs.training`); runs the training for the tab and the API.
-- ``train_tab``: ``"module:function"``, ``function(runner, context)`` renders the train sub-tab's contents
-  into the open gradio block (usually a few lines over :func:`extensions_lib.ui.train_tab.build_train_tab`).
+- ``train_tab``: ``"module:function"``, ``function(runner, context, method)`` renders the train sub-tab's
+  contents into the open gradio block (usually a few lines over
+  :func:`extensions_lib.ui.train_tab.build_train_tab`; ``method`` is this spec).
 - ``cli``: dotted name of the command module: ``register(subparsers)`` adds the ``alchemy <key>`` command
   (usually with ``create``/``train`` actions, see :mod:`extensions_lib.commands.method_commands`).
-- optional ``create_options`` / ``create_job`` / ``create_tab``: the "Create ..." sub-tab. ``create_job``:
-  ``"module:function"``, ``function(CreateRequest, JobContext | None) -> Path``; ``create_tab`` like
-  ``train_tab``. ``create_needs_model``: creating reads the model (it then runs as a job, and hosts without
-  a model mark the tab unsupported).
+- optional ``create_options`` + ``create_job``: the "Create ..." sub-tab. ``create_job``: ``"module:function"``,
+  ``function(CreateRequest, JobContext | None) -> Path`` (see :mod:`extensions_lib.jobs.training`), writes the
+  new file into the method's folder. ``create_needs_model``: creating reads the model (it then runs as a job
+  on the runner, and hosts without a model mark the tab unsupported); otherwise it runs in the click handler
+  with ``job=None``. ``create_tab``: like ``train_tab``; the default,
+  :func:`extensions_lib.ui.create_tab.build_create_tab`, renders ``create_options`` with a button.
 
 Tabs are built in registry order: every method's "Create" tab, then every "Train" tab. Settings, CLI
 commands and API routes follow registry order too.
@@ -107,7 +114,7 @@ class MethodSpec:
     folder_option: str | None = None
     create_options: type | None = None
     create_job: Ref | None = None
-    create_tab: Ref | None = None
+    create_tab: Ref = "extensions_lib.ui.create_tab:build_create_tab"
     create_needs_model: bool = False
 
     def __post_init__(self):
@@ -117,8 +124,8 @@ class MethodSpec:
         for name in (self.name_option, self.folder_option):
             if name is not None and name not in fields:
                 raise ValueError(f"method {self.key}: {self.train_options.__name__} has no option {name!r}")
-        if (self.create_options is None) != (self.create_tab is None):
-            raise ValueError(f"method {self.key}: create_options and create_tab go together")
+        if (self.create_options is None) != (self.create_job is None):
+            raise ValueError(f"method {self.key}: create_options and create_job go together")
 
     @property
     def train_panel(self) -> str:

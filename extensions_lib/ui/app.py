@@ -86,17 +86,15 @@ def standalone_context(model: ModelHolder, data_dir: Path, tagger_models_dir: Pa
 
 
 def demo_training_defaults() -> dict:
-    """Training options sized for the tiny demo model, for each training method that is installed."""
-    from .tab_train_embedding import embedding_train_options_class
-    from .tab_train_hypernetwork import hypernetwork_train_options_class
+    """Training options sized for the tiny demo model, for each registered training method."""
+    from ..methods.registry import methods
 
     small = dict(training_width=64, training_height=64, steps=50, save_every=25, create_image_every=25,
                  write_csv_every=5)
     out = {}
-    for find in (embedding_train_options_class, hypernetwork_train_options_class):
-        cls = find()
-        if cls is not None:
-            out[cls] = cls(**{k: v for k, v in small.items() if k in cls.__dataclass_fields__})
+    for method in methods():
+        cls = method.train_options
+        out[cls] = cls(**{k: v for k, v in small.items() if k in cls.__dataclass_fields__})
     return out
 
 

@@ -73,6 +73,14 @@ class TrainTabSpec:
     """The folder the trained files are picked from and written to."""
     make_request: Callable[[Any, UIContext], Any] = TrainRequest
 
+    @classmethod
+    def of(cls, method, listing: FolderListing) -> "TrainTabSpec":
+        """The tab of a registered method (:class:`~extensions_lib.methods.registry.MethodSpec`)."""
+        from ..methods.registry import resolve
+
+        return cls(panel=method.train_panel, noun=method.noun, options_cls=method.train_options,
+                   name_option=method.name_option, job=resolve(method.train_job), listing=listing)
+
 
 def option_spec(cls, name: str):
     for spec in specs(cls):
