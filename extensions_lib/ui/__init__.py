@@ -61,13 +61,16 @@ def build_train_tabs(runner: JobRunner, context: UIContext, title_prefix: str = 
 
 
 def build_dataset_tabs(runner: JobRunner, context: UIContext) -> None:
-    """The tagger and preprocessing tabs, each a ``gr.Tab``: call inside an open ``gr.Tabs``."""
+    """The tagger, preprocessing and tag editor tabs, each a ``gr.Tab``: call inside an open ``gr.Tabs``."""
     import gradio as gr
 
     from .tab_preprocess import build_preprocess
+    from .tab_tag_editor import build_tag_editor
     from .tab_tagger import build_tagger
 
     with gr.Tab("Tagger", id="alchemy_tagger_tab", elem_id="alchemy_tagger_tab"):
         build_tagger(runner, context)
     with gr.Tab("Preprocess", id="alchemy_preprocess_tab", elem_id="alchemy_preprocess_tab"):
         build_preprocess(runner, context)
+    with gr.Tab("Tag editor", id="alchemy_tag_editor_tab", elem_id="alchemy_tag_editor_tab"):
+        build_tag_editor(context)
