@@ -1,17 +1,10 @@
 """Where face models come from: a file path, or the models folder, or (YuNet only) a pinned download.
 
-Model table (also in the README):
-
-=========  ===========================================  ========  =================================  =======
-detector   file                                         size      source                             licence
-=========  ===========================================  ========  =================================  =======
-yunet      face_detection_yunet_2023mar.onnx            232,589   opencv/opencv_zoo @ b6e370b        MIT
-anime      face_detect_v1.4_s/model.onnx (or _n)        44.6 MB   huggingface deepghs/anime_face_detection  MIT
-=========  ===========================================  ========  =================================  =======
-
-YuNet sits in ``models/opencv/`` where the WebUI's own focal crop keeps it, so an existing WebUI
-download is reused. The download goes through the tagger's offline checks (HF_HUB_OFFLINE, a short
-reachability probe): offline it fails at once, naming the file to put where.
+The model table is in the README (file, size, source, licence). Both are looked up under a models
+folder (``models``): YuNet in ``models/opencv/``, where the WebUI's own focal crop keeps it (so its
+download is reused), the anime detector in ``models/faces/anime_face_detection/<variant>/model.onnx``.
+The YuNet download goes through the tagger's offline checks (HF_HUB_OFFLINE, a short reachability
+probe): offline it fails at once, naming the file to put where. The anime model has no pinned download.
 """
 from __future__ import annotations
 
@@ -41,8 +34,7 @@ YUNET = PinnedFile(
     "https://github.com/opencv/opencv_zoo/raw/b6e370b10f641879a87890d44e42173077154a05/models/face_detection_yunet/"
     "face_detection_yunet_2023mar.onnx", 232_589, "8f2383e4", "MIT")
 ANIME_SOURCE = "https://huggingface.co/deepghs/anime_face_detection (face_detect_v1.4_s/model.onnx, MIT)"
-DEFAULT_OPENCV_DIR = Path("models") / "opencv"
-DEFAULT_ANIME_DIR = Path("models") / "faces"
+DEFAULT_MODELS_DIR = Path("models")  # the WebUI's models folder (its working directory is the WebUI root)
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +79,7 @@ def yunet_path(model: str | os.PathLike | None, models_dir: str | os.PathLike | 
         if not path.is_file():
             raise AlchemyError("YuNet model not found", path, f"give the .onnx file ({YUNET.url})")
         return path
-    folder = Path(models_dir) if models_dir else DEFAULT_OPENCV_DIR
+    folder = Path(models_dir or DEFAULT_MODELS_DIR) / "opencv"
     target = folder / YUNET.filename
     if target.is_file():
         return target
@@ -99,7 +91,7 @@ def yunet_path(model: str | os.PathLike | None, models_dir: str | os.PathLike | 
 
 def anime_path(model: str | os.PathLike | None, models_dir: str | os.PathLike | None) -> Path:
     """The anime detector: `model` (a file, or a folder holding model.onnx), else the first
-    ``*/model.onnx`` under `models_dir`/anime_face_detection."""
+    ``*/model.onnx`` under `models_dir`/faces/anime_face_detection."""
     if model:
         path = Path(model).expanduser()
         if path.is_dir():
@@ -107,7 +99,7 @@ def anime_path(model: str | os.PathLike | None, models_dir: str | os.PathLike | 
         if not path.is_file():
             raise AlchemyError("anime face model not found", path, f"get it from {ANIME_SOURCE}")
         return path
-    folder = (Path(models_dir) if models_dir else DEFAULT_ANIME_DIR) / "anime_face_detection"
+    folder = Path(models_dir or DEFAULT_MODELS_DIR) / "faces" / "anime_face_detection"
     found = sorted(folder.glob("*/model.onnx")) + sorted(folder.glob("model.onnx"))
     if not found:
         raise AlchemyError("anime face model not found", folder,
