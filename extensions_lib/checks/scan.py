@@ -66,12 +66,13 @@ def move_aside(image: Path, root: Path, move_to: Path) -> str | None:
     return None
 
 
-def scan_folder(folder: str | os.PathLike, check: Callable[[Image.Image], dict], flag: Callable[[dict], bool], *,
+def scan_folder(folder: str | os.PathLike, check: Callable[[Image.Image, Path], dict], flag: Callable[[dict], bool], *,
                 recursive: bool = False, manifest: str | os.PathLike | None = None, action: str = "flag",
                 move_to: str | os.PathLike | None = None, max_pixels: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> ScanSummary:
-    """Check every image under `folder` (see the module notes)."""
+    """Check every image under `folder` (see the module notes): ``check(image, path) -> fields``,
+    ``flag(record) -> bool``."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise AlchemyError("image folder not found", root, "give a folder that exists")
@@ -91,7 +92,7 @@ def scan_folder(folder: str | os.PathLike, check: Callable[[Image.Image], dict],
             break
         key = path.relative_to(root).as_posix()
         try:
-            record = {"image": key, **check(decode_image(path, **kwargs))}
+            record = {"image": key, **check(decode_image(path, **kwargs), path)}
         except ImageSkipped as exc:
             summary.skipped.append((key, exc.reason))
             summary.records.append({"image": key, "skipped": exc.reason})

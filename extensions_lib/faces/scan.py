@@ -9,7 +9,7 @@ from .options import FaceScanOptions
 
 
 def scan_faces(folder, detector: FaceDetector, options: FaceScanOptions, **kwargs):
-    def check(image):
+    def check(image, path):
         faces = detector.detect(image)
         return {"faces": len(faces), "boxes": [f.as_dict() for f in faces]}
 
