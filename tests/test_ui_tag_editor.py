@@ -40,14 +40,16 @@ def test_load_filter_preview_apply_undo(tab, tmp_path):
     editor, gallery, shown, table, status = out[:5]
     assert shown == ["a.png", "b.png", "c.png", "d.png"]
     assert [c for _, c in gallery] == [CAPTIONS["a.png"], CAPTIONS["b.png"], CAPTIONS["c.png"], "(no caption)"]
-    assert table[0][:2] == ["1girl", 2] and "4 of 4 images match" in status
+    assert table["data"][0][:2] == ["1girl", 2] and "4 of 4 images match" in status
 
     gallery, shown, table, status = run(tab, "alchemy_tags_filter", editor, select_include="smile")
-    assert shown == ["a.png", "c.png"] and {r[0] for r in table} == {"1girl", "long hair", "smile", "1boy", "hat"}
+    assert shown == ["a.png", "c.png"]
+    assert {r[0] for r in table["data"]} == {"1girl", "long hair", "smile", "1boy", "hat"}
 
     edit = dict(select_include="smile", action="replace", find="smile", replacement="grin")
     rows, status = run(tab, "alchemy_tags_preview", editor, **edit)
-    assert rows == [["a.png", CAPTIONS["a.png"], "1girl, long hair, grin"], ["c.png", CAPTIONS["c.png"], "1boy, grin, hat"]]
+    assert rows["data"] == [["a.png", CAPTIONS["a.png"], "1girl, long hair, grin"],
+                            ["c.png", CAPTIONS["c.png"], "1boy, grin, hat"]]
     assert caption(root, "a.png") == CAPTIONS["a.png"]
     out = run(tab, "alchemy_tags_apply", editor, **edit)
     assert caption(root, "c.png") == "1boy, grin, hat" and "2 caption(s) written" in out[3]

@@ -20,6 +20,13 @@ PANEL = "tag_editor"
 GALLERY_LIMIT = 300   # thumbnails shown at once; narrow the filter to see others
 PREVIEW_LIMIT = 500
 ACTIONS = ("add", "remove", "replace")
+TABLE_HEADERS = ["tag", "images", "tokens"]
+CHANGE_HEADERS = ["image", "before", "after"]
+
+
+def _table(rows: list, headers: list[str]) -> dict:
+    # gradio 3.41 forgets a Dataframe's headers when handed a bare empty list
+    return {"data": rows, "headers": headers}
 TARGETS = ("filtered images", "selected image")
 
 
@@ -75,7 +82,7 @@ class TagEditorView:
     def view(self, inp: _Inputs, status: str = "") -> tuple:
         """(gallery items, shown keys, tag table rows, status) for the current filter."""
         if inp.editor is None:
-            return [], [], [], status
+            return [], [], _table([], TABLE_HEADERS), status
         keys = inp.editor.select(inp.select.tag_filter())
         items, shown = [], []
         for key in keys[:GALLERY_LIMIT]:
@@ -87,7 +94,8 @@ class TagEditorView:
         rows = sort_tags(inp.editor.counts(keys), listing.sort,
                          descending=None if not listing.reverse else listing.sort == "name",
                          token_count=self.token_count if listing.sort == "tokens" else None)
-        table = [[tag, count, self.token_count(tag)] for tag, count in rows[:listing.top or None]]
+        table = _table([[tag, count, self.token_count(tag)] for tag, count in rows[:listing.top or None]],
+                       TABLE_HEADERS)
         line = f"{len(keys)} of {len(inp.editor.entries)} images match"
         if len(keys) > GALLERY_LIMIT:
             line += f" (showing the first {GALLERY_LIMIT}; narrow the filter to see others)"
@@ -102,13 +110,13 @@ class TagEditorView:
             raise AlchemyError("no folder given", fix="enter the dataset folder")
         inp.editor = TagEditor(folder, recursive=inp.dataset.recursive, extension=inp.dataset.caption_extension,
                                separator=inp.edit.separator)
-        return inp.editor, *self.view(inp, f"loaded {inp.editor.folder}"), [], "", ""
+        return inp.editor, *self.view(inp, f"loaded {inp.editor.folder}"), _table([], CHANGE_HEADERS), "", ""
 
     def preview(self, inp: _Inputs):
         keys, edit = self.keys(inp), self.make_edit(inp)
         changes = inp.editor.preview(edit, keys)
         rows = [[c.key, c.before, c.after] for c in changes[:PREVIEW_LIMIT]]
-        return rows, f"{len(changes)} caption(s) would change (nothing written yet)"
+        return _table(rows, CHANGE_HEADERS), f"{len(changes)} caption(s) would change (nothing written yet)"
 
     def apply(self, inp: _Inputs):
         keys, edit = self.keys(inp), self.make_edit(inp)  # keys first: it says when nothing is loaded
@@ -129,7 +137,7 @@ class TagEditorView:
 
     def _after(self, inp: _Inputs, status: str):
         caption = inp.editor.entries[inp.selected].text if inp.selected in inp.editor.entries else ""
-        return (*self.view(inp, status), [], caption)
+        return (*self.view(inp, status), _table([], CHANGE_HEADERS), caption)
 
     def select_image(self, shown: Sequence[str], editor: TagEditor | None, index: int):
         if editor is None or not 0 <= index < len(shown) or shown[index] not in editor.entries:
@@ -174,7 +182,7 @@ def build_tag_editor(context: UIContext) -> None:
             with gr.Accordion("Tag table", open=True):
                 list_form = render_options(TagListOptions, context.defaults_for(TagListOptions),
                                            elem_prefix="alchemy_tags_list")
-                table = gr.Dataframe(headers=["tag", "images", "tokens"], datatype=["str", "number", "number"],
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "number", "number"],
                                      interactive=False, elem_id="alchemy_tags_table", wrap=True)
             with gr.Accordion("Edit", open=True):
                 action = gr.Radio(list(ACTIONS), value="add", label="Action", elem_id="alchemy_tags_action")
@@ -193,7 +201,7 @@ def build_tag_editor(context: UIContext) -> None:
                     undo = gr.Button("Undo", elem_id="alchemy_tags_undo")
                     redo = gr.Button("Redo", elem_id="alchemy_tags_redo")
             status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="alchemy_tags_status")
-            changes = gr.Dataframe(headers=["image", "before", "after"], interactive=False, wrap=True,
+            changes = gr.Dataframe(headers=CHANGE_HEADERS, interactive=False, wrap=True,
                                    elem_id="alchemy_tags_changes", label="Preview of the change")
 
     view = TagEditorView(context)
