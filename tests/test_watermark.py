@@ -110,3 +110,23 @@ def test_command_flags_moves_and_caches(weights, tmp_path, capsys, monkeypatch):
     assert calls == []
     record = json.loads((ds / "watermarks.jsonl").read_text())
     assert record["image"] == "a.png" and record["watermark"] > 0.99 and record["flagged"] is False
+
+
+def test_preprocess_skips_what_the_check_flagged(weights, tmp_path):
+    from extensions_lib.cli import main
+    from extensions_lib.preprocess.options import PreprocessOptions
+    from extensions_lib.preprocess.run import preprocess_directory
+
+    src = tmp_path / "src"
+    src.mkdir()
+    picture(0).save(src / "a.png")
+    picture(1).save(src / "b.png")
+    (src / "watermarks.jsonl").write_text('{"image": "b.png", "watermark": 0.9, "flagged": true}\nnot json\n'
+                                          '{"image": "a.png", "watermark": 0.1, "flagged": false}\n')
+    summary = preprocess_directory(src, tmp_path / "out", PreprocessOptions(width=64, height=64, skip_flagged=True))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000-0-a.png"]
+    assert ("b.png", "flagged in watermarks.jsonl") in summary.skipped
+    # written by the real command: everything flagged with the always-watermark weights
+    assert main(["watermark", str(src), "--model", str(weights / "always.pt"), "--no-cache"]) == 0
+    summary = preprocess_directory(src, tmp_path / "out2", PreprocessOptions(width=64, height=64, skip_flagged=True))
+    assert not list((tmp_path / "out2").glob("*.png")) and len(summary.skipped) == 2

@@ -116,3 +116,27 @@ def scan_folder(folder: str | os.PathLike, check: Callable[[Image.Image, Path], 
             for record in summary.records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     return summary
+
+
+MANIFESTS = ("watermarks.jsonl", "faces.jsonl")
+
+
+def flagged_images(folder: str | os.PathLike, names: tuple[str, ...] = MANIFESTS) -> dict[str, str]:
+    """{image path relative to `folder`: manifest that flagged it} from the check manifests found in `folder`
+    (the "skip" action: flag once, then later steps leave those images out). Unreadable lines are ignored;
+    names read here are only compared with a listing, never opened."""
+    out: dict[str, str] = {}
+    for name in names:
+        path = Path(folder) / name
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("flagged") is True and isinstance(record.get("image"), str):
+                out.setdefault(record["image"], name)
+    return out

@@ -43,6 +43,9 @@ class PreprocessOptions:
                         help="save a mirrored copy after every output image", group="Modes")
     recursive: bool = option(False, help="also read images in sub-folders of the source (outputs stay flat)",
                              group="Modes")
+    skip_flagged: bool = option(False, label="Skip flagged images",
+                                help="leave out source images that `alchemy watermark` or `alchemy faces` flagged "
+                                     "(their SRC/watermarks.jsonl, SRC/faces.jsonl)", group="Modes")
 
     split: bool = option(False, label="Split oversized images",
                          help="cut images much longer than the target into overlapping tiles", group="Split")

@@ -237,6 +237,16 @@ def preprocess_directory(src: str | os.PathLike, dst: str | os.PathLike, options
                                     exclude=dst if dst.is_relative_to(src) else None)
     dst.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(sources=len(sources))
+    if options.skip_flagged:
+        from ..checks.scan import flagged_images
+
+        flagged = flagged_images(src)
+        kept = [p for p in sources if p.relative_to(src).as_posix() not in flagged]
+        for path in sources:
+            key = path.relative_to(src).as_posix()
+            if key in flagged:
+                summary.skipped.append((key, f"flagged in {flagged[key]}"))
+        sources = kept
     if ignored:
         summary.notes.append(f"{ignored} non-image file(s) in the source were ignored")
     if needs_faces(options) and face_detector is None:
