@@ -113,3 +113,54 @@ def test_command_writes_only_to_the_output(detector, tmp_path, capsys):
     assert records["sign.jpg"]["text_boxes"] > 0 and records["plain.png"]["text_boxes"] == 0
     assert main(["detext", str(src), str(src)]) == 1
     assert "must not be the source folder" in capsys.readouterr().err
+
+
+def test_model_inpainting_regenerates_only_the_mask(tiny_model):
+    import torch
+
+    from extensions_lib.detext.sd_inpaint import SdInpainter, SdInpaintSettings, region
+
+    adapter = tiny_model("sd1")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 120, 3), dtype=np.uint8))
+    mask = np.zeros((100, 120), np.uint8)
+    mask[40:60, 32:80] = 255
+    assert region(mask, 8) == (24, 32, 88, 68)
+    decoded = []
+    real_decode = adapter.decode_latents
+    inpainter = SdInpainter(adapter, SdInpaintSettings(steps=4, resolution=64, padding=8))
+    try:
+        adapter.decode_latents = lambda latents: decoded.append(latents.clone()) or real_decode(latents)
+        out = inpainter(image, mask)
+        again = inpainter(image, mask)
+    finally:
+        adapter.decode_latents = real_decode
+    before, after = np.asarray(image), np.asarray(out)
+    assert (before[mask == 0] == after[mask == 0]).all() and (before[mask > 0] != after[mask > 0]).mean() > 0.9
+    assert (np.asarray(again) == after).all()  # seeded
+    # outside the latent mask the sampler ends exactly on the encoded original
+    crop = image.crop((24, 32, 88, 68)).resize((64, 32), Image.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        init = adapter.encode_images(pixels).mode().float()
+    latent_mask = np.asarray(Image.fromarray(mask[32:68, 24:88]).resize((8, 4), Image.BOX)) > 0
+    outside = torch.from_numpy(~latent_mask)[None, None].expand_as(init)
+    assert torch.allclose(decoded[0].float()[outside], init[outside], atol=1e-4)
+    assert not torch.allclose(decoded[0].float()[~outside], init[~outside], atol=1e-2)
+
+
+def test_command_with_model_inpainting(detector, tmp_path, tiny_checkpoint, capsys):
+    from extensions_lib.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    image, _ = text_image()
+    image.save(src / "sign.png")
+    assert main(["detext", str(src), str(tmp_path / "o1"), "--inpainter", "model"]) == 1
+    assert "needs a checkpoint" in capsys.readouterr().err
+    assert main(["detext", str(src), str(tmp_path / "o2"), "--inpainter", "model", "--ckpt",
+                 str(tiny_checkpoint("sd1")), "--steps", "2", "--passes", "1", "--device", "cpu",
+                 "--save-masks"]) == 0
+    out = np.asarray(Image.open(tmp_path / "o2" / "sign.png"))
+    mask = np.asarray(Image.open(tmp_path / "o2" / "sign.mask.png")) > 0
+    assert mask.any() and (out[~mask] == np.asarray(image)[~mask]).all()
+    assert (out[mask] != np.asarray(image)[mask]).any()

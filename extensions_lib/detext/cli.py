@@ -28,8 +28,21 @@ def run_detext(args: argparse.Namespace) -> int:
     options = from_cli(DetextOptions, args)
     detector = DbTextDetector(find_model(options.model or None), device=options.device, report=say,
                               box_thresh=options.box_threshold)
+    inpainter = None
+    if options.inpainter == "model":
+        if options.ckpt is None:
+            from ..errors import AlchemyError
+
+            raise AlchemyError("--inpainter model needs a checkpoint", fix="pass --ckpt path/to/model.safetensors")
+        import torch
+
+        from ..backend.standalone import load_model
+        from .run import model_inpainter
+
+        device = options.device if options.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        inpainter = model_inpainter(load_model(options.ckpt, device=device), options)
     with progress_bar("detext") as progress:
-        summary = detext_folder(args.src, args.dst, detector, options, progress=progress)
+        summary = detext_folder(args.src, args.dst, detector, options, inpainter=inpainter, progress=progress)
     for line in summary.lines("had text"):
         print(line)
     return 0

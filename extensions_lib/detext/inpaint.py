@@ -52,8 +52,9 @@ class Detexted:
 
 
 def remove_text(image: Image.Image, detector, *, passes: int = 3, dilate: int = 4, method: str = "telea",
-                radius: int = 5) -> Detexted:
-    """Detect and inpaint up to `passes` times, stopping when nothing is found."""
+                radius: int = 5, inpainter=None) -> Detexted:
+    """Detect and inpaint up to `passes` times, stopping when nothing is found. `inpainter(image, mask)`
+    replaces OpenCV (e.g. :class:`.sd_inpaint.SdInpainter`); it must change only masked pixels."""
     current = image
     union = np.zeros((image.height, image.width), np.uint8)
     result = Detexted(image, union)
@@ -62,7 +63,7 @@ def remove_text(image: Image.Image, detector, *, passes: int = 3, dilate: int = 
         if not boxes:
             break
         mask = text_mask(current.size, boxes, dilate)
-        current = inpaint(current, mask, method=method, radius=radius)
+        current = inpainter(current, mask) if inpainter else inpaint(current, mask, method=method, radius=radius)
         union |= mask
         result.boxes.append(boxes)
         result.passes += 1

@@ -21,6 +21,14 @@ class DetextOptions:
                          minimum=0, maximum=64)
     method: str = option("telea", help="OpenCV inpainting method", choices=list(METHODS))
     radius: int = option(5, help="inpainting neighbourhood radius in pixels", minimum=1, maximum=50)
+    inpainter: str = option("opencv", help="opencv: fast, for captions and signatures on plain areas; model: a "
+                                           "Stable Diffusion img2img inpaint of the masked area only (the WebUI's "
+                                           "loaded model, or --ckpt on its own)", choices=["opencv", "model"])
+    ckpt: Optional[Path] = option(None, help="checkpoint for --inpainter model outside the WebUI", ui=False)
+    prompt: str = option("plain background", help="prompt for --inpainter model")
+    strength: float = option(0.75, help="denoising strength for --inpainter model", minimum=0.05, maximum=1.0,
+                             step=0.05)
+    steps: int = option(20, help="sampling steps for --inpainter model", minimum=1, maximum=150)
     recursive: bool = option(False, help="also process images in sub-folders")
     copy_unchanged: bool = option(True, help="copy images without text (and all captions) to the output too, so "
                                              "it is a complete dataset")

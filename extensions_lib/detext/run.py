@@ -22,7 +22,14 @@ def _output_name(rel: Path, changed: bool) -> Path:
     return rel if not changed or rel.suffix.lower() == ".png" else rel.with_suffix(".png")
 
 
-def detext_folder(src, dst, detector, options: DetextOptions, **kwargs):
+def model_inpainter(adapter, options: DetextOptions):
+    from .sd_inpaint import SdInpainter, SdInpaintSettings
+
+    return SdInpainter(adapter, SdInpaintSettings(prompt=options.prompt, strength=options.strength,
+                                                  steps=options.steps))
+
+
+def detext_folder(src, dst, detector, options: DetextOptions, *, inpainter=None, **kwargs):
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.is_dir():
         raise AlchemyError("image folder not found", src, "give a folder that exists")
@@ -34,7 +41,7 @@ def detext_folder(src, dst, detector, options: DetextOptions, **kwargs):
     def check(image: Image.Image, path: Path) -> dict:
         rel = path.relative_to(src)
         result = remove_text(image, detector, passes=options.passes, dilate=options.dilate, method=options.method,
-                             radius=options.radius)
+                             radius=options.radius, inpainter=inpainter)
         changed = result.passes > 0
         record = {"text_boxes": sum(len(b) for b in result.boxes), "passes": result.passes,
                   "masked_fraction": round(float((result.mask > 0).mean()), 5)}

@@ -138,7 +138,7 @@ class DatasetToolsApi:
         if not output:
             raise BadRequest("no output folder given", fix="send \"output\": \"/path/to/new/folder\"")
         options = options_from(DetextOptions, DetextOptions(), _object(payload, "options"), "request 'options'")
-        return self._job(detext_folder, DetextRequest(folder, Path(output).expanduser(), options),
+        return self._job(detext_folder, DetextRequest(folder, Path(output).expanduser(), options, self.api.context()),
                          f"Removing text in {folder.name}", "detext", payload)
 
     def _job(self, fn, request, title: str, panel: str, payload: dict):

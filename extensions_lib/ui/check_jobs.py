@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..detext.options import DetextOptions
 from ..faces.options import FaceModelOptions, FaceScanOptions
 from ..watermark.options import WatermarkOptions
 from .progress import JobContext
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _report(job: JobContext):
@@ -63,6 +70,7 @@ class DetextRequest:
     source: Path
     destination: Path
     options: DetextOptions
+    context: Any = None  # a UIContext: its loaded model inpaints with --inpainter model
 
 
 def detext_folder(request: DetextRequest, job: JobContext):
@@ -72,6 +80,17 @@ def detext_folder(request: DetextRequest, job: JobContext):
     o = request.options
     detector = DbTextDetector(find_model(o.model or None), device=o.device, report=_report(job),
                               box_thresh=o.box_threshold)
-    summary = run(request.source, request.destination, detector, o, progress=job.counter("image"),
-                  should_stop=job.should_stop)
+    inpainter = None
+    if o.inpainter == "model":
+        from ..detext.run import model_inpainter
+
+        if o.ckpt is not None:
+            from ..backend.standalone import load_model
+
+            adapter = load_model(o.ckpt, device="cuda" if o.device != "cpu" and _cuda() else "cpu")
+        else:
+            adapter = request.context.model()  # the WebUI's loaded checkpoint (says so when none is)
+        inpainter = model_inpainter(adapter, o)
+    summary = run(request.source, request.destination, detector, o, inpainter=inpainter,
+                  progress=job.counter("image"), should_stop=job.should_stop)
     return _done(job, summary, "had text")
