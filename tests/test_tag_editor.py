@@ -151,6 +151,19 @@ def test_undo_redo_and_journal_survives_a_new_session(tmp_path):
     assert other.redo() is None
 
 
+def test_undo_of_a_caption_edited_elsewhere_is_refused_and_kept(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    ed = TagEditor(root)
+    ed.apply(Edit("add", tags=("x",)), ["a.png"])
+    (root / "a.txt").write_text("hand edit", encoding="utf-8")
+    result = ed.undo()
+    assert not result.changed and "changed on disk" in result.skipped[0][1]
+    assert caption(root, "a.png") == "hand edit" and ed.history()[1] == 1  # still undoable after a reload
+    (root / "a.txt").write_text(CAPTIONS["a.png"] + ", x", encoding="utf-8")
+    ed.reload()
+    assert ed.undo().changed and caption(root, "a.png") == CAPTIONS["a.png"]
+
+
 def test_external_change_is_not_overwritten(tmp_path):
     root = make_dataset(tmp_path / "ds")
     ed = TagEditor(root)

@@ -59,3 +59,16 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     make_dataset(tmp_path / "ds")
     assert main(["tags", "replace", str(tmp_path / "ds"), "(", "x", "--regex"]) == 1
     assert "bad regular expression" in capsys.readouterr().err
+
+
+def test_list_search_top_and_token_column(ds, capsys):
+    from extensions_lib.backend.tokenizer import make_tokenizer
+
+    assert main(["tags", "list", str(ds), "--search", "HAIR"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["1\tlong hair", "1\tshort hair"]
+    assert main(["tags", "list", str(ds), "--sort", "tokens", "--top", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0].split("\t")
+    tok = make_tokenizer("open_clip")
+    longest = max(CAPTIONS["a.png"].split(", ") + CAPTIONS["b.png"].split(", ") + CAPTIONS["c.png"].split(", "),
+                  key=lambda t: (len(tok.tokenize([t])[0]), [-ord(c) for c in t]))
+    assert first[2] == longest and int(first[1]) == len(tok.tokenize([longest])[0])

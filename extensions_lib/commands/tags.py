@@ -70,7 +70,7 @@ def _print_result(result) -> None:
 
 
 def run_tags(args: argparse.Namespace) -> int:
-    from ..tag_editor import Edit, sort_tags
+    from ..tag_editor import Edit
     from ..tag_editor.options import TagEditOptions, TagListOptions, TagSelectOptions
 
     editor = _editor(args)
@@ -94,15 +94,14 @@ def run_tags(args: argparse.Namespace) -> int:
             return 0
         listing = from_cli(TagListOptions, args)
         token_count = None
-        if listing.sort == "tokens":
+        if listing.sort == "tokens":  # then a column of its own too
             from ..tag_editor.stats import clip_token_counter
 
             token_count = clip_token_counter()
-        rows = sort_tags(editor.counts(keys), listing.sort, token_count=token_count,
-                         descending=None if not listing.reverse else listing.sort == "name")
-        for tag, count in rows[:listing.top or None]:
+        counts = editor.counts(keys)
+        for tag, count in listing.rows(counts, token_count):
             print(f"{count}\t{token_count(tag)}\t{tag}" if token_count else f"{count}\t{tag}")
-        print(f"{len(rows)} tags in {len(keys)} of {len(editor.entries)} captions")
+        print(f"{len(counts)} tags in {len(keys)} of {len(editor.entries)} captions")
         return 0
     opts = from_cli(TagEditOptions, args)
     if command == "replace":

@@ -64,20 +64,12 @@ class DatasetToolsApi:
         self.api = api
 
     def tags_list(self, payload: dict):
-        from ..tag_editor import sort_tags
         from ..tag_editor.options import TagListOptions
 
         editor, _ = _editor(payload)
         keys = _keys(editor, payload)
         listing = options_from(TagListOptions, TagListOptions(), _object(payload, "list"), "request 'list'")
-        token_count = None
-        if listing.sort == "tokens":
-            from ..tag_editor.stats import clip_token_counter
-
-            token_count = clip_token_counter()
-        rows = sort_tags(editor.counts(keys), listing.sort, token_count=token_count,
-                         descending=None if not listing.reverse else listing.sort == "name")
-        return 200, {"tags": [list(r) for r in rows[:listing.top or None]], "matched": len(keys),
+        return 200, {"tags": [list(r) for r in listing.rows(editor.counts(keys))], "matched": len(keys),
                      "total": len(editor.entries), "unreadable": [list(s) for s in editor.skipped]}
 
     def tags_edit(self, payload: dict):

@@ -43,7 +43,20 @@ class TagListOptions:
     sort: str = option("frequency", help="order of the tag table: frequency (most first), name (A-Z) or token "
                                          "length (CLIP tokens, longest first)", choices=list(SORTS), widget="radio")
     reverse: bool = option(False, help="reverse that order")
+    search: str = option("", help="list only tags containing this text (case ignored)")
     top: int = option(0, help="list only this many tags; 0 = all", minimum=0)
+
+    def rows(self, counts, token_count=None) -> list[tuple[str, int]]:
+        """The table's (tag, count) rows for these settings."""
+        from .stats import clip_token_counter, sort_tags
+
+        if self.sort == "tokens" and token_count is None:
+            token_count = clip_token_counter()
+        wanted = self.search.strip().lower()
+        counts = {t: n for t, n in counts.items() if wanted in t.lower()} if wanted else counts
+        rows = sort_tags(counts, self.sort, token_count=token_count,
+                         descending=None if not self.reverse else self.sort == "name")
+        return rows[:self.top or None]
 
 
 @dataclass

@@ -231,6 +231,7 @@ class TagEditor:
             changes.append(Change(key, after, before) if direction < 0 else Change(key, before, after))
         verb = "undo" if direction < 0 else "redo"
         result = self._commit(f"{verb} {batch.get('label', '')}".strip(), changes, allow_empty=True, record=False)
-        data["position"] = index if direction < 0 else index + 1
-        self._save_journal(data)
+        if result.changed or not result.skipped:  # a step that restored nothing stays where it was
+            data["position"] = index if direction < 0 else index + 1
+            self._save_journal(data)
         return result

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import gradio as gr
 
 from ..errors import AlchemyError
-from ..tag_editor import Edit, TagEditor, sort_tags
+from ..tag_editor import Edit, TagEditor
 from ..tag_editor.options import TagDatasetOptions, TagEditOptions, TagListOptions, TagSelectOptions
 from ..tag_editor.thumbs import default_thumb_dir, thumbnail
 from .context import UIContext
@@ -90,12 +90,8 @@ class TagEditorView:
             if thumb is not None:
                 items.append((str(thumb), inp.editor.entries[key].text or "(no caption)"))
                 shown.append(key)
-        listing = inp.listing
-        rows = sort_tags(inp.editor.counts(keys), listing.sort,
-                         descending=None if not listing.reverse else listing.sort == "name",
-                         token_count=self.token_count if listing.sort == "tokens" else None)
-        table = _table([[tag, count, self.token_count(tag)] for tag, count in rows[:listing.top or None]],
-                       TABLE_HEADERS)
+        rows = inp.listing.rows(inp.editor.counts(keys), self.token_count)
+        table = _table([[tag, count, self.token_count(tag)] for tag, count in rows], TABLE_HEADERS)
         line = f"{len(keys)} of {len(inp.editor.entries)} images match"
         if len(keys) > GALLERY_LIMIT:
             line += f" (showing the first {GALLERY_LIMIT}; narrow the filter to see others)"
