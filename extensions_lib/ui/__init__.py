@@ -6,7 +6,7 @@ return nothing. Each takes a :class:`~.progress.JobRunner` (how long jobs run: t
 ``shared.state``) and a :class:`~.context.UIContext` (the model getter, our folders, host hooks)::
 
     build_train_tabs(runner, context, title_prefix="")   # one gr.Tab per training sub-tab, call inside gr.Tabs
-    build_dataset_tabs(runner, context)                  # tagger + preprocess gr.Tab's, call inside gr.Tabs
+    build_dataset_tabs(runner, context)                  # tagger, preprocess, tag editor, checks: call inside gr.Tabs
 
     # or one tab's contents at a time (call inside a gr.Tab / gr.Blocks):
     tab_create_embedding.build_create_embedding(runner, context)
@@ -15,10 +15,12 @@ return nothing. Each takes a :class:`~.progress.JobRunner` (how long jobs run: t
     tab_train_hypernetwork.build_train_hypernetwork(runner, context)
     tab_tagger.build_tagger(runner, context)
     tab_preprocess.build_preprocess(runner, context)
+    tab_tag_editor.build_tag_editor(context)
+    tab_checks.build_checks(runner, context)                # faces / watermarks / text removal
     tab_txt2img.build_txt2img(runner, context)            # standalone only (the WebUI has its own txt2img)
 
 A tab whose key ("create_embedding", "train_embedding", "create_hypernetwork", "train_hypernetwork",
-"tagger", "preprocess", "txt2img") is in ``context.unsupported`` shows that reason instead of its controls.
+"tagger", "preprocess", "tag_editor", "checks", "txt2img") is in ``context.unsupported`` shows that reason instead of its controls.
 
 Progress: ``javascript/alchemy.js`` polls ``GET alchemy/progress`` and ``GET alchemy/progress/preview``;
 add them to the server with :func:`.routes.add_progress_routes(app, runner)` (the WebUI glue: in
@@ -61,9 +63,11 @@ def build_train_tabs(runner: JobRunner, context: UIContext, title_prefix: str = 
 
 
 def build_dataset_tabs(runner: JobRunner, context: UIContext) -> None:
-    """The tagger, preprocessing and tag editor tabs, each a ``gr.Tab``: call inside an open ``gr.Tabs``."""
+    """The tagger, preprocessing, tag editor and checks (faces, watermarks, text) tabs, each a ``gr.Tab``: call
+    inside an open ``gr.Tabs``."""
     import gradio as gr
 
+    from .tab_checks import build_checks
     from .tab_preprocess import build_preprocess
     from .tab_tag_editor import build_tag_editor
     from .tab_tagger import build_tagger
@@ -74,3 +78,5 @@ def build_dataset_tabs(runner: JobRunner, context: UIContext) -> None:
         build_preprocess(runner, context)
     with gr.Tab("Tag editor", id="alchemy_tag_editor_tab", elem_id="alchemy_tag_editor_tab"):
         build_tag_editor(context)
+    with gr.Tab("Checks", id="alchemy_checks_tab", elem_id="alchemy_checks_tab"):
+        build_checks(runner, context)
