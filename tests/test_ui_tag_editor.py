@@ -78,6 +78,17 @@ def test_select_then_edit_one_caption_and_errors_show_in_status(tab, tmp_path):
     assert "not found" in out[4]
 
 
+def test_gallery_pages(tab, tmp_path, monkeypatch):
+    import extensions_lib.ui.tab_tag_editor as module
+
+    monkeypatch.setattr(module, "GALLERY_LIMIT", 3)
+    root = make_dataset(tmp_path / "ds")
+    editor = run(tab, "alchemy_tags_load", folder=str(root))[0]
+    gallery, shown, table, status = run(tab, "alchemy_tags_filter", editor, page=2)
+    assert shown == ["d.png"] and "page 2 of 2" in status and table["data"][0][:2] == ["1girl", 2]
+    assert run(tab, "alchemy_tags_filter", editor, page=9)[1] == ["d.png"]  # past the end: the last page
+
+
 def test_tab_is_in_the_dataset_tabs(tmp_path):
     from extensions_lib.ui import build_dataset_tabs
     from extensions_lib.ui.thread_runner import ThreadJobRunner

@@ -17,7 +17,7 @@ from .forms import render_options
 from .widgets import error_text, unsupported_note
 
 PANEL = "tag_editor"
-GALLERY_LIMIT = 300   # thumbnails shown at once; narrow the filter to see others
+GALLERY_LIMIT = 300   # thumbnails per gallery page
 PREVIEW_LIMIT = 500
 ACTIONS = ("add", "remove", "replace")
 TABLE_HEADERS = ["tag", "images", "tokens"]
@@ -45,6 +45,7 @@ class _Inputs:
     target: str
     selected: str
     caption: str
+    page: int = 1
 
 
 class TagEditorView:
@@ -84,8 +85,10 @@ class TagEditorView:
         if inp.editor is None:
             return [], [], _table([], TABLE_HEADERS), status
         keys = inp.editor.select(inp.select.tag_filter())
+        pages = max(1, -(-len(keys) // GALLERY_LIMIT))
+        page = min(max(1, inp.page), pages)
         items, shown = [], []
-        for key in keys[:GALLERY_LIMIT]:
+        for key in keys[(page - 1) * GALLERY_LIMIT:page * GALLERY_LIMIT]:
             thumb = thumbnail(inp.editor.entries[key].image, self.thumb_dir)
             if thumb is not None:
                 items.append((str(thumb), inp.editor.entries[key].text or "(no caption)"))
@@ -93,8 +96,8 @@ class TagEditorView:
         rows = inp.listing.rows(inp.editor.counts(keys), self.token_count)
         table = _table([[tag, count, self.token_count(tag)] for tag, count in rows], TABLE_HEADERS)
         line = f"{len(keys)} of {len(inp.editor.entries)} images match"
-        if len(keys) > GALLERY_LIMIT:
-            line += f" (showing the first {GALLERY_LIMIT}; narrow the filter to see others)"
+        if pages > 1:
+            line += f" (gallery page {page} of {pages}, {GALLERY_LIMIT} per page)"
         if inp.editor.skipped:
             line += f"; {len(inp.editor.skipped)} caption file(s) unreadable, left alone"
         return items, shown, table, "\n".join(x for x in (status, line) if x)
@@ -166,6 +169,8 @@ def build_tag_editor(context: UIContext) -> None:
                                           elem_prefix="alchemy_tags_dataset")
             gallery = gr.Gallery(label="Images (click one to edit its caption)", elem_id="alchemy_tags_gallery",
                                  columns=6, height=480, allow_preview=False)
+            page = gr.Number(value=1, precision=0, label="Gallery page", elem_id="alchemy_tags_page",
+                             info=f"{GALLERY_LIMIT} images per page; press Filter to show another page")
             with gr.Row():
                 selected = gr.Textbox(label="Selected image", interactive=False, elem_id="alchemy_tags_selected",
                                       scale=1)
@@ -203,7 +208,7 @@ def build_tag_editor(context: UIContext) -> None:
     view = TagEditorView(context)
     forms = [dataset_form, select_form, list_form]
     inputs = [editor_state, folder, *dataset_form.inputs, *select_form.inputs, *list_form.inputs,
-              action, tags, find, replacement, *edit_form.inputs, target, selected, caption]
+              action, tags, find, replacement, *edit_form.inputs, target, selected, caption, page]
 
     def parse(values) -> _Inputs:
         values = list(values)
@@ -217,9 +222,9 @@ def build_tag_editor(context: UIContext) -> None:
         del values[:4]
         n = len(edit_form.inputs)
         edit = edit_form.read(values[:n])
-        target_v, selected_v, caption_v = values[n:]
+        target_v, selected_v, caption_v, page_v = values[n:]
         return _Inputs(editor, folder_text or "", *parsed, action_v, tags_v or "", find_v or "", repl_v or "",
-                       edit, target_v, selected_v or "", caption_v or "")
+                       edit, target_v, selected_v or "", caption_v or "", int(page_v or 1))
 
     def guarded(method, n_out, *extra):
         def handler(*values):
