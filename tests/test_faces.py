@@ -171,3 +171,17 @@ def test_faces_command_counts_and_moves(tmp_path, yunet_file, capsys):
     records = [json.loads(l) for l in (ds / "faces.jsonl").read_text().splitlines()]
     assert {r["image"]: (r["faces"], r["flagged"]) for r in records} == {"empty.png": (0, True), "one.png": (1, False)}
     assert records[1]["boxes"][0]["box"] == [64.0, 32.0, 32.0, 32.0]
+
+
+def test_focal_crop_follows_yunet_faces(tmp_path, yunet_file):
+    from extensions_lib.faces.yunet import YuNetDetector
+    from extensions_lib.preprocess.options import PreprocessOptions
+    from extensions_lib.preprocess.run import derive_images
+
+    img = square((0, 0, 255), size=(512, 128), box=(416, 32, 448, 64))  # a "face" near the right edge
+    options = PreprocessOptions(width=128, height=128, focal_crop=True, focal_face_weight=1.0,
+                                focal_entropy_weight=0.0, focal_edges_weight=0.0)
+    crop = np.asarray(derive_images(img, options, YuNetDetector(yunet_file)).images[0])
+    assert crop[:, :, 2].max() > 200                      # the face is inside the crop
+    without = np.asarray(derive_images(img, options, None).images[0])
+    assert without[:, :, 2].max() < 50                    # no faces: the centre crop misses it
