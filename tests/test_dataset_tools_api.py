@@ -13,8 +13,8 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from extensions_lib.host.api import AlchemyApi, register  # noqa: E402
-from extensions_lib.ui.context import UIContext  # noqa: E402
-from extensions_lib.ui.thread_runner import ThreadJobRunner  # noqa: E402
+from extensions_lib.jobs.context import UIContext  # noqa: E402
+from extensions_lib.jobs.thread_runner import ThreadJobRunner  # noqa: E402
 from tests.face_models import make_yunet_like  # noqa: E402
 from tests.test_tag_editor import CAPTIONS, caption, make_dataset  # noqa: E402
 

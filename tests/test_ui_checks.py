@@ -11,9 +11,9 @@ pytestmark = pytest.mark.needs_gradio
 
 from PIL import Image  # noqa: E402
 
-from extensions_lib.ui.context import UIContext  # noqa: E402
+from extensions_lib.jobs.context import UIContext  # noqa: E402
 from extensions_lib.ui.tab_checks import build_checks  # noqa: E402
-from extensions_lib.ui.thread_runner import ThreadJobRunner  # noqa: E402
+from extensions_lib.jobs.thread_runner import ThreadJobRunner  # noqa: E402
 from tests.face_models import make_yunet_like  # noqa: E402
 from tests.test_ui_app import click_handler  # noqa: E402
 

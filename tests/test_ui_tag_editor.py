@@ -6,7 +6,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.needs_gradio
 
-from extensions_lib.ui.context import UIContext  # noqa: E402
+from extensions_lib.jobs.context import UIContext  # noqa: E402
 from extensions_lib.ui.tab_tag_editor import build_tag_editor  # noqa: E402
 from tests.test_tag_editor import CAPTIONS, caption, make_dataset  # noqa: E402
 from tests.test_ui_app import click_handler, components_by_id  # noqa: E402
@@ -91,7 +91,7 @@ def test_gallery_pages(tab, tmp_path, monkeypatch):
 
 def test_tab_is_in_the_dataset_tabs(tmp_path):
     from extensions_lib.ui import build_dataset_tabs
-    from extensions_lib.ui.thread_runner import ThreadJobRunner
+    from extensions_lib.jobs.thread_runner import ThreadJobRunner
 
     with gr.Blocks() as demo:
         with gr.Tabs():

@@ -101,7 +101,7 @@ class DatasetToolsApi:
 
     def faces_folder(self, payload: dict):
         from ..faces.options import FaceModelOptions, FaceScanOptions
-        from ..ui.check_jobs import FacesRequest, faces_folder
+        from ..jobs.checks import FacesRequest, faces_folder
 
         folder = existing_folder(payload.get("folder"), "image folder")
         request = FacesRequest(folder, options_from(FaceModelOptions, FaceModelOptions(), _object(payload, "model"),
@@ -111,7 +111,7 @@ class DatasetToolsApi:
         return self._job(faces_folder, request, f"Faces in {folder.name}", "faces", payload)
 
     def watermark_folder(self, payload: dict):
-        from ..ui.check_jobs import WatermarkRequest, watermark_folder
+        from ..jobs.checks import WatermarkRequest, watermark_folder
         from ..watermark.options import WatermarkOptions
 
         folder = existing_folder(payload.get("folder"), "image folder")
@@ -123,7 +123,7 @@ class DatasetToolsApi:
         from pathlib import Path
 
         from ..detext.options import DetextOptions
-        from ..ui.check_jobs import DetextRequest, detext_folder
+        from ..jobs.checks import DetextRequest, detext_folder
 
         folder = existing_folder(payload.get("folder"), "image folder")
         output = str(payload.get("output") or "").strip()

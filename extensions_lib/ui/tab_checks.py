@@ -10,10 +10,10 @@ from ..detext.options import DetextOptions
 from ..errors import AlchemyError
 from ..faces.options import FaceModelOptions, FaceScanOptions
 from ..watermark.options import WatermarkOptions
-from .check_jobs import DetextRequest, FacesRequest, WatermarkRequest, detext_folder, faces_folder, watermark_folder
-from .context import UIContext
+from ..jobs.checks import DetextRequest, FacesRequest, WatermarkRequest, detext_folder, faces_folder, watermark_folder
+from ..jobs.context import UIContext
 from .forms import render_options
-from .progress import JobRunner
+from ..jobs.progress import JobRunner
 from .widgets import error_text, interrupt_button, outcome, progress_panel, run_and_report, unsupported_note, watch_js
 
 PANEL = "checks"

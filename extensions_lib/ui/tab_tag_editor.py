@@ -12,7 +12,7 @@ from ..errors import AlchemyError
 from ..tag_editor import Edit, TagEditor
 from ..tag_editor.options import TagDatasetOptions, TagEditOptions, TagListOptions, TagSelectOptions
 from ..tag_editor.thumbs import default_thumb_dir, thumbnail
-from .context import UIContext
+from ..jobs.context import UIContext
 from .forms import render_options
 from .widgets import error_text, unsupported_note
 
