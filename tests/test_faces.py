@@ -185,3 +185,20 @@ def test_focal_crop_follows_yunet_faces(tmp_path, yunet_file):
     assert crop[:, :, 2].max() > 200                      # the face is inside the crop
     without = np.asarray(derive_images(img, options, None).images[0])
     assert without[:, :, 2].max() < 50                    # no faces: the centre crop misses it
+
+
+def test_scan_skips_bad_files_reports_progress_and_stops(tmp_path):
+    from extensions_lib.checks.scan import scan_folder
+
+    for name in ("a.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "b.png").write_bytes(b"broken")
+    seen = []
+    summary = scan_folder(tmp_path, lambda image, path: {"w": image.width}, lambda r: False,
+                          progress=lambda done, total: seen.append((done, total)), manifest=tmp_path / "m.jsonl")
+    assert seen[-1] == (3, 3) and summary.skipped[0][0] == "b.png"
+    assert [json.loads(l).get("w") for l in (tmp_path / "m.jsonl").read_text().splitlines()] == [8, None, 8]
+    calls = []
+    stopped = scan_folder(tmp_path, lambda image, path: calls.append(1) or {}, lambda r: False,
+                          should_stop=lambda: len(calls) >= 1)
+    assert stopped.interrupted and len(calls) == 1

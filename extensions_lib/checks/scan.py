@@ -91,6 +91,8 @@ def scan_folder(folder: str | os.PathLike, check: Callable[[Image.Image, Path], 
             summary.interrupted = True
             break
         key = path.relative_to(root).as_posix()
+        if progress is not None:
+            progress(index, len(images))
         try:
             record = {"image": key, **check(decode_image(path, **kwargs), path)}
         except ImageSkipped as exc:
@@ -108,8 +110,8 @@ def scan_folder(folder: str | os.PathLike, check: Callable[[Image.Image, Path], 
                     summary.moved.append(key)
                     record["moved_to"] = (move_dir / key).as_posix()
         summary.records.append(record)
-        if progress is not None:
-            progress(index + 1, len(images))
+    if progress is not None and not summary.interrupted:
+        progress(len(images), len(images))
     if manifest is not None:
         summary.manifest = Path(manifest).expanduser()
         with atomic_open(summary.manifest, "w") as fh:
