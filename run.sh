@@ -24,12 +24,17 @@ make_env() {  # make_env DIR "TORCH PINS" REQUIREMENT-FILES...
   [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
   "$dir/bin/python" -m pip install -q --disable-pip-version-check $torch
   local req
-  for req in "$@"; do "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$req"; done
+  for req in "$@"; do  # *-nodeps.txt: wheels we need a file from, not their dependencies
+    case "$req" in
+      *-nodeps.txt) "$dir/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r "$req" ;;
+      *) "$dir/bin/python" -m pip install -q --disable-pip-version-check -r "$req" ;;
+    esac
+  done
   "$dir/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
   echo "$stamp" > "$dir/.alchemy-stamp"
 }
 
-main_env() { make_env .venv "$MAIN_TORCH" requirements.txt requirements-test.txt requirements-e2e.txt; }
+main_env() { make_env .venv "$MAIN_TORCH" requirements.txt requirements-test.txt requirements-test-nodeps.txt requirements-e2e.txt; }
 
 # The browser test drives Debian's chromium; install it when we can (root with apt), else that test skips.
 browser() {
@@ -42,7 +47,7 @@ browser() {
   fi
 }
 # The WebUI's torch with the core's dependencies (no gradio: the host brings its own).
-host_env() { make_env .venv-torch21 "$HOST_TORCH" requirements-core.txt requirements-test.txt; }
+host_env() { make_env .venv-torch21 "$HOST_TORCH" requirements-core.txt requirements-test.txt requirements-test-nodeps.txt; }
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift

@@ -5,6 +5,8 @@ Rules (the host pins its own stack and must not be disturbed):
 - the host's pinned packages (torch, gradio, transformers, ...) are never touched, even if missing;
 - exactly one onnxruntime: ``onnxruntime-gpu`` with a CUDA build of torch, ``onnxruntime`` otherwise,
   nothing if either is present; both present is a known breakage, reported with its fix;
+- exactly one OpenCV: the WebUI already has ``opencv-python``; ``opencv-python-headless`` only when no OpenCV
+  wheel is present (two of them write the same ``cv2`` package);
 - no TensorFlow, ever.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ HOST_PACKAGES = ("torch", "torchvision", "gradio", "fastapi", "httpx", "transfor
 
 # What the core needs beyond the host. Lower bounds only: an existing install is always kept.
 EXTRA_PACKAGES = ("huggingface_hub", "tqdm")
+OPENCV_DISTRIBUTIONS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                        "opencv-contrib-python-headless")
 
 
 @dataclass
@@ -40,4 +44,6 @@ def plan_install(is_installed: Callable[[str], bool], cuda_torch: bool) -> Insta
             "then pip install " + ("onnxruntime-gpu" if cuda_torch else "onnxruntime"))
     elif not (cpu_ort or gpu_ort):
         plan.to_install.append("onnxruntime-gpu" if cuda_torch else "onnxruntime")
+    if not any(is_installed(name) for name in OPENCV_DISTRIBUTIONS):
+        plan.to_install.append("opencv-python-headless")
     return plan

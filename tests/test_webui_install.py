@@ -34,7 +34,7 @@ def test_install_py_installs_only_whats_missing_and_never_stops_start_up(tmp_pat
     webui.mkdir()
     (webui / "launch.py").write_text(FAKE_LAUNCH)
     log = tmp_path / "pip.log"
-    env = {**os.environ, "PYTHONPATH": str(webui), "FAKE_INSTALLED": json.dumps(list(HOST_PACKAGES)),
+    env = {**os.environ, "PYTHONPATH": str(webui), "FAKE_INSTALLED": json.dumps([*HOST_PACKAGES, "opencv-python"]),  # the WebUI's deps bring OpenCV
            "FAKE_PIP_LOG": str(log), "FAKE_PIP_FAILS": "huggingface_hub"}
     out = subprocess.run([sys.executable, str(EXTENSION_ROOT / "install.py")], cwd=webui, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -1,4 +1,5 @@
-"""Dataset commands: `alchemy tag` (booru tagger captions) and `alchemy preprocess` (when installed)."""
+"""Dataset commands: `alchemy tag` (booru tagger captions), `alchemy tags` (tag editor), `alchemy faces|watermark|
+detext` (checks) and `alchemy preprocess` (when installed)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,10 @@ from ..options import add_cli_arguments, from_cli
 
 def register(subparsers) -> None:
     _register_tag(subparsers)
+    from . import dataset_checks, tags  # tag editor; faces, watermark and text checks
+
+    tags.register(subparsers)
+    dataset_checks.register(subparsers)
     # `preprocess` lives with the preprocessing code; its absence only hides that command.
     try:
         preprocess_cli = importlib.import_module("extensions_lib.preprocess.cli")

@@ -338,6 +338,8 @@ def register(app, api: AlchemyApi, prefix: str = PREFIX, *, credentials: dict[st
               ("POST", "/jobs/stop", lambda: respond(api.stop)),
               ("GET", "/jobs/current", lambda: respond(api.current_job)),
               ("GET", "/jobs/{job_id}", job_route)]
+    from .dataset_tools_api import routes as dataset_tool_routes  # tag editor, faces, watermark, text
+    routes += dataset_tool_routes(api, body_route)
     for method, path, endpoint in routes:
         app.add_api_route(prefix + path, endpoint, methods=[method], dependencies=dependencies)
 

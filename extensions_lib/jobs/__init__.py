@@ -5,6 +5,7 @@
 - ``thread_runner``: the standalone runner (one job at a time on a thread); the WebUI's runner over its GPU
   queue is ``host.jobs.HostJobRunner``.
 - ``context``: ``UIContext``, the host as jobs and tabs see it (model getter, folders, hooks, defaults).
-- ``training`` / ``dataset`` / ``generate``: the job functions, ``fn(request, job)`` with a request dataclass.
+- ``training`` / ``dataset`` / ``checks`` / ``generate``: the job functions, ``fn(request, job)`` with a request
+  dataclass (``checks``: faces, watermarks, text removal).
 - ``routes``: the progress routes ``javascript/alchemy.js`` polls.
 """

@@ -102,7 +102,7 @@ class PreprocessRequest:
 
 def preprocess_folder(request: PreprocessRequest, job: JobContext):
     """Turn the source folder into a training folder; returns the :class:`PreprocessSummary`."""
-    from ..preprocess.focal import opencv_face_detector
+    from ..preprocess.faces import detector_for
     from ..preprocess.run import preprocess_directory
     from ..preprocess.tagging import captioner_for
     from ..tagger.captions import check_options
@@ -118,9 +118,10 @@ def preprocess_folder(request: PreprocessRequest, job: JobContext):
         options = dataclasses.replace(options, tagger_model=str(folder))
         # The tag tab's slot: loading here replaces its model instead of holding a second one.
         captioner, caption_id = captioner_for(request.context.tagger().get(folder), request.caption)
-    faces = opencv_face_detector() if options.focal_crop and options.focal_face_weight > 0 else None
+    faces, face_notes = detector_for(options, report=lambda line: job.update(message=line))
     summary = preprocess_directory(source, Path(request.destination).expanduser(), options, captioner=captioner,
                                    caption_id=caption_id, face_detector=faces, progress=job.counter("image"),
                                    should_stop=job.should_stop)
+    summary.notes[:0] = face_notes
     job.update(message="\n".join(summary.lines()))
     return summary

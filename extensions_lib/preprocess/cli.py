@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..options import add_cli_arguments, from_cli
-from .focal import opencv_face_detector
+from .faces import detector_for
 from .options import PreprocessOptions
 from .run import preprocess_directory
 from .tagging import add_tagger_arguments, caption_options_from_cli, model_source_from_cli, tagger_captioner
@@ -39,13 +39,14 @@ def run_command(args: argparse.Namespace) -> int:
         bar.set_postfix_str(path.name, refresh=False)
         bar.refresh()
 
-    face_detector = opencv_face_detector() if options.focal_crop and options.focal_face_weight > 0 else None
+    face_detector, face_notes = detector_for(options, report=lambda line: print(f"alchemy: {line}"))
     try:
         summary = preprocess_directory(args.src, args.dst, options, captioner=captioner, caption_id=caption_id,
                                        face_detector=face_detector, progress=progress)
     finally:
         bar.close()
         closer()
+    summary.notes[:0] = face_notes
     for line in summary.lines():
         print(line)
     return 0

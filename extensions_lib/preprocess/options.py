@@ -43,6 +43,9 @@ class PreprocessOptions:
                         help="save a mirrored copy after every output image", group="Modes")
     recursive: bool = option(False, help="also read images in sub-folders of the source (outputs stay flat)",
                              group="Modes")
+    skip_flagged: bool = option(False, label="Skip flagged images",
+                                help="leave out source images that `alchemy watermark` or `alchemy faces` flagged "
+                                     "(their SRC/watermarks.jsonl, SRC/faces.jsonl)", group="Modes")
 
     split: bool = option(False, label="Split oversized images",
                          help="cut images much longer than the target into overlapping tiles", group="Split")
@@ -61,6 +64,21 @@ class PreprocessOptions:
                                        group="Focal crop")
     focal_debug: bool = option(False, label="Create debug image",
                                help="also save an annotated copy under DST/focal-debug/", group="Focal crop")
+
+    face_crop: bool = option(False, label="Face-centred crop",
+                             help="crop around the largest detected face instead of the centre (an image without "
+                                  "a face gets the plain crop)",
+                             group="Faces")
+    face_crop_scale: float = option(2.5, help="the face-centred crop is this many times the face's size (less if "
+                                              "the image is too small)", minimum=1.0, maximum=8.0, step=0.1,
+                                    group="Faces")
+    face_detector: str = option("yunet", help="faces for the focal and face-centred crops: yunet (photos; "
+                                              "models/opencv/face_detection_yunet_2023mar.onnx, falls back to haar "
+                                              "when missing), anime (drawings; models/faces/anime_face_detection), "
+                                              "haar (OpenCV's bundled cascade)", choices=["yunet", "anime", "haar"],
+                                group="Faces")
+    face_model: str = option("", help="the face detector's model file; empty: looked up in the models folder",
+                             group="Faces")
 
     autosize: bool = option(False, label="Auto-sized crop",
                             help="crop each image to the candidate size closest to its own aspect ratio",

@@ -19,10 +19,12 @@ from PIL import Image, ImageOps
 
 from ..atomic import atomic_path, write_text
 from ..errors import AlchemyError, Cancelled
+from ..faces.base import face_points
 from ..options import to_dict
 from ..tagger.image_io import ImageSkipped, decode_image, image_extensions
 from . import autosize, focal, split
 from .caption import Captioner, existing_caption_path, merge_caption, read_existing_caption
+from .faces import face_crop, largest_face, needs_faces
 from .journal import Journal, fingerprint, source_signature
 from .options import PreprocessOptions, validate
 from .resize import crop_and_resize
@@ -79,11 +81,20 @@ def derive_images(img: Image.Image, options: PreprocessOptions,
     if options.focal_crop and img.width * h != img.height * w:
         weights = focal.FocalWeights(options.focal_face_weight, options.focal_entropy_weight,
                                      options.focal_edges_weight)
-        result = focal.focal_crop(img, w, h, weights, face_detector=face_detector)
+        points = face_points(face_detector) if hasattr(face_detector, "detect") else face_detector
+        result = focal.focal_crop(img, w, h, weights, face_detector=points)
         out.images.append(result.image)
         if options.focal_debug:
             out.debug.append(focal.debug_image(result))
         emitted = True
+    if options.face_crop:
+        face = largest_face(face_detector, img) if hasattr(face_detector, "detect") else None
+        if face is not None:
+            out.images.append(face_crop(img, face, w, h, options.face_crop_scale))
+            emitted = True
+        else:
+            out.problems.append("no face found for the face-centred crop" if face_detector is not None
+                                else "no face detector for the face-centred crop")
     if options.autosize:
         size = autosize.choose_size(
             img.width, img.height, min_dim=options.autosize_min_dim, max_dim=options.autosize_max_dim,
@@ -216,7 +227,8 @@ def preprocess_directory(src: str | os.PathLike, dst: str | os.PathLike, options
     """Process every image in `src` into `dst`; returns what happened, including what was skipped and why.
 
     caption_id identifies the captioner's model and settings so a resumed run with a different tagger
-    redoes its captions. face_detector: see :func:`focal.opencv_face_detector`. Raises Cancelled when
+    redoes its captions. face_detector: a :class:`extensions_lib.faces.FaceDetector` (see
+    :func:`.faces.detector_for`) or a bare focal-point callable (:func:`focal.opencv_face_detector`). Raises Cancelled when
     `should_stop()` turns true (work done so far is kept and a re-run resumes after it).
     """
     validate(options)
@@ -225,11 +237,21 @@ def preprocess_directory(src: str | os.PathLike, dst: str | os.PathLike, options
                                     exclude=dst if dst.is_relative_to(src) else None)
     dst.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(sources=len(sources))
+    if options.skip_flagged:
+        from ..checks.scan import flagged_images
+
+        flagged = flagged_images(src)
+        kept = [p for p in sources if p.relative_to(src).as_posix() not in flagged]
+        for path in sources:
+            key = path.relative_to(src).as_posix()
+            if key in flagged:
+                summary.skipped.append((key, f"flagged in {flagged[key]}"))
+        sources = kept
     if ignored:
         summary.notes.append(f"{ignored} non-image file(s) in the source were ignored")
-    if options.focal_crop and options.focal_face_weight > 0 and face_detector is None:
+    if needs_faces(options) and face_detector is None:
         summary.notes.append("face detection unavailable (it needs OpenCV, not installed here; "
-                             "`pip install opencv-python-headless` adds it): focal crops used entropy and edges")
+                             "`pip install opencv-python-headless` adds it): crops used no faces")
     journal = Journal(dst, fingerprint({"options": to_dict(options), "caption": caption_id,
                                         "faces": face_detector is not None}))
     if journal.options_changed:

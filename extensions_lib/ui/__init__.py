@@ -7,7 +7,7 @@ queue and ``shared.state``) and a :class:`~extensions_lib.jobs.context.UIContext
 folders, host hooks)::
 
     build_train_tabs(runner, context, title_prefix="")   # one gr.Tab per training sub-tab, call inside gr.Tabs
-    build_dataset_tabs(runner, context)                  # tagger + preprocess gr.Tab's, call inside gr.Tabs
+    build_dataset_tabs(runner, context)                  # tagger, preprocess, tag editor, checks: call inside gr.Tabs
 
     # or one tab's contents at a time (call inside a gr.Tab / gr.Blocks):
     create_tab.build_create_tab(runner, context, method)  # a registered method's "Create ..." tab
@@ -15,12 +15,14 @@ folders, host hooks)::
     tab_train_hypernetwork.build_train_hypernetwork(runner, context, method)
     tab_tagger.build_tagger(runner, context)
     tab_preprocess.build_preprocess(runner, context)
+    tab_tag_editor.build_tag_editor(context)
+    tab_checks.build_checks(runner, context)                # faces / watermarks / text removal
     tab_txt2img.build_txt2img(runner, context)            # standalone only (the WebUI has its own txt2img)
 
 The training tabs come from the method registry (:mod:`extensions_lib.methods.registry`: ``method`` is a
 ``MethodSpec``). A tab whose key ("create_embedding", "train_embedding", "create_hypernetwork",
 "train_hypernetwork", ``MethodSpec.create_panel``/``train_panel`` of other methods, "tagger", "preprocess",
-"txt2img") is in ``context.unsupported`` shows that reason instead of its controls.
+"tag_editor", "checks", "txt2img") is in ``context.unsupported`` shows that reason instead of its controls.
 
 Progress: ``javascript/alchemy.js`` polls ``GET alchemy/progress`` and ``GET alchemy/progress/preview``;
 add them to the server with :func:`extensions_lib.jobs.routes.add_progress_routes(app, runner)` (the WebUI
@@ -57,13 +59,20 @@ def build_train_tabs(runner: JobRunner, context: UIContext, title_prefix: str = 
 
 
 def build_dataset_tabs(runner: JobRunner, context: UIContext) -> None:
-    """The tagger and preprocessing tabs, each a ``gr.Tab``: call inside an open ``gr.Tabs``."""
+    """The tagger, preprocessing, tag editor and checks (faces, watermarks, text) tabs, each a ``gr.Tab``: call
+    inside an open ``gr.Tabs``."""
     import gradio as gr
 
+    from .tab_checks import build_checks
     from .tab_preprocess import build_preprocess
+    from .tab_tag_editor import build_tag_editor
     from .tab_tagger import build_tagger
 
     with gr.Tab("Tagger", id="alchemy_tagger_tab", elem_id="alchemy_tagger_tab"):
         build_tagger(runner, context)
     with gr.Tab("Preprocess", id="alchemy_preprocess_tab", elem_id="alchemy_preprocess_tab"):
         build_preprocess(runner, context)
+    with gr.Tab("Tag editor", id="alchemy_tag_editor_tab", elem_id="alchemy_tag_editor_tab"):
+        build_tag_editor(context)
+    with gr.Tab("Checks", id="alchemy_checks_tab", elem_id="alchemy_checks_tab"):
+        build_checks(runner, context)

@@ -273,3 +273,54 @@ def test_tag_train_and_generate_in_the_browser(app, page):
     assert stopped.startswith(f"Stopped: Training embedding {EMBEDDING}") and "Resume from" in stopped, stopped
     assert wait_for_panel(page, "train_embedding", "cancelled")["step"] < 100000
     assert embedding_file.read_bytes() == trained_bytes, "an interrupted run must not replace the finished file"
+
+
+def test_tag_editor_in_the_browser(app, page, tmp_path):
+    from PIL import Image
+
+    captions = {"a.png": "1girl, long hair, smile", "b.png": "1girl, short hair", "c.png": "1boy, smile, hat"}
+    for i, (name, text) in enumerate(captions.items()):
+        Image.new("RGB", (48, 48), (60 * i, 90, 200)).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(text, encoding="utf-8")
+
+    def on_disk(name):
+        return (tmp_path / name).with_suffix(".txt").read_text(encoding="utf-8")
+
+    page.goto(app["url"])
+    page.wait_for_selector("#alchemy_tabs")
+    open_tab(page, "Dataset", "Tag editor")
+    fill(page, "alchemy_tags_folder", tmp_path)
+    page.click("#alchemy_tags_load")
+    wait_for_text(page, "alchemy_tags_status", r"3 of 3 images match")
+    page.wait_for_function("document.querySelectorAll('#alchemy_tags_gallery img').length === 3")
+    assert "smile" in page.locator("#alchemy_tags_table").inner_text()
+
+    fill(page, "alchemy_tags_select_include", "smile")
+    page.click("#alchemy_tags_filter")
+    wait_for_text(page, "alchemy_tags_status", r"2 of 3 images match")
+
+    page.locator("#alchemy_tags_action label", has_text="replace").click()
+    fill(page, "alchemy_tags_find", "smile")
+    fill(page, "alchemy_tags_replacement", "grin")
+    page.click("#alchemy_tags_preview")
+    wait_for_text(page, "alchemy_tags_status", r"2 caption\(s\) would change")
+    assert "1boy, grin, hat" in page.locator("#alchemy_tags_changes").inner_text()
+    assert on_disk("c.png") == captions["c.png"]
+    page.click("#alchemy_tags_apply")
+    wait_for_text(page, "alchemy_tags_status", r"2 caption\(s\) written")
+    assert on_disk("a.png") == "1girl, long hair, grin" and on_disk("c.png") == "1boy, grin, hat"
+    page.click("#alchemy_tags_undo")
+    wait_for_text(page, "alchemy_tags_status", r"undo")
+    assert [on_disk(n) for n in captions] == list(captions.values())
+
+    fill(page, "alchemy_tags_select_include", "")
+    page.click("#alchemy_tags_filter")
+    wait_for_text(page, "alchemy_tags_status", r"3 of 3 images match")
+    page.locator("#alchemy_tags_gallery img").nth(1).click()
+    wait_for_text(page, "alchemy_tags_selected", r"^b\.png$")
+    assert text_of(page, "alchemy_tags_caption") == captions["b.png"]
+    fill(page, "alchemy_tags_caption", "1girl, bob cut")
+    page.click("#alchemy_tags_save_caption")
+    wait_for_text(page, "alchemy_tags_status", r"1 caption\(s\) written")
+    assert on_disk("b.png") == "1girl, bob cut"
+    snapshot(page, "5-tag-editor")
