@@ -161,6 +161,17 @@ def test_training_endpoints(webui, tmp_path):
     assert r.status_code == 200 and r.json()["final_path"].endswith("hnet.pt")
 
 
+def test_training_takes_the_webuis_template_names(webui, tmp_path):
+    host, _extension, client = webui
+    data = make_folder(tmp_path / "data", n=2, size=(64, 64))
+    for name in ("hypernetwork", "none.txt"):  # the WebUI's own defaults for hypernetworks
+        r = client.post(f"{V1}/train/hypernetwork", json={**_train_body(data, steps=1, template_file=name),
+                                                          "wait": True})
+        assert r.status_code == 200, r.json()
+    r = client.post(f"{V1}/train/hypernetwork", json=_train_body(data, template_file="no_such_template"))
+    assert r.status_code == 400 and "subject_filewords" in r.json()["error"]
+
+
 def test_no_model_loaded_is_503(tmp_path):
     with standin_host(tmp_path) as host:
         _extension(host)

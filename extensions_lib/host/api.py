@@ -203,6 +203,7 @@ class AlchemyApi:
         if not getattr(options, name_option):
             raise BadRequest(f"option {name_option} is required", fix=f"send \"options\": {{\"{name_option}\": ...}}")
         existing_folder(options.data_root, "data_root folder")
+        context.resolve_template(options.template_file)  # 400 naming the choices before anything starts
         context.model()  # NoModelLoaded (503) before anything starts
         p = self._run(job_fn, TrainRequest(options=options, context=context),
                       f"Training {kind} {getattr(options, name_option)}", f"train_{kind}",

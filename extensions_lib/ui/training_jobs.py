@@ -49,8 +49,10 @@ def with_txt2img_preview(options, values: Sequence[Any]):
 
 
 def for_context(options, context: UIContext):
-    """The options with the host's folders filled in (the ones the tab does not show) and a fixed seed."""
-    changes: dict[str, Any] = {"log_directory": str(context.resolve_log_directory(options.log_directory))}
+    """The options with the host's folders filled in (the ones the tab does not show), the template name
+    resolved to its file (the host's template folder first) and a fixed seed."""
+    changes: dict[str, Any] = {"log_directory": str(context.resolve_log_directory(options.log_directory)),
+                               "template_file": context.resolve_template(options.template_file)}
     if hasattr(options, "embeddings_dir"):
         changes["embeddings_dir"] = str(context.embeddings_dir)
     if hasattr(options, "hypernetwork_dir"):
