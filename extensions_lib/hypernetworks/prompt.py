@@ -42,3 +42,14 @@ def parse_hypernet_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
         return ""
 
     return _EXTRA_NETWORK_TAG.sub(take, prompt), found
+
+
+def with_toggle(tags: list[tuple[str, float]], toggled: str | None, strength: float) -> tuple[list[tuple[str, float]], bool]:
+    """The networks to apply: the prompt's tags, plus the settings toggle's network unless a tag names it.
+
+    A tag for the toggled network replaces the toggle's strength (it is never applied twice); returns
+    (networks, whether the toggle itself was used).
+    """
+    if not toggled or any(name == toggled for name, _ in tags):
+        return list(tags), False
+    return [(toggled, strength), *tags], True

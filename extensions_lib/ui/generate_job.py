@@ -80,17 +80,18 @@ def generate_images(request: GenerateRequest, job: JobContext) -> list:
     """Generate with every embedding named in the prompt and the chosen hypernetworks; returns PIL images
     carrying their infotext (``TI hashes`` and ``Hypernet`` entries as the WebUI writes them)."""
     from ..hypernetworks.patch import apply_hypernetworks
-    from ..hypernetworks.prompt import parse_hypernet_tags
+    from ..hypernetworks.prompt import parse_hypernet_tags, with_toggle
 
     opts = request.options
     job.update(message="loading the model", unit="step", total=opts.steps)
     adapter = request.loaders.context.model()
     loader = request.loaders.embedding_loader(adapter)
 
-    prompt, chosen = parse_hypernet_tags(opts.prompt)
+    prompt, tags = parse_hypernet_tags(opts.prompt)
+    toggled = request.hypernetwork if request.hypernetwork != NO_HYPERNETWORK else None
+    chosen, toggle_used = with_toggle(tags, toggled, float(request.hypernetwork_strength))
     extra: dict = {}
-    if request.hypernetwork and request.hypernetwork != NO_HYPERNETWORK:
-        chosen.insert(0, (request.hypernetwork, float(request.hypernetwork_strength)))
+    if toggle_used:
         extra["Hypernet"] = request.hypernetwork
         extra["Hypernet strength"] = request.hypernetwork_strength if request.hypernetwork_strength != 1 else None
     hypernetworks = [(request.loaders.hypernetworks().load(name), mult) for name, mult in chosen] if chosen else []
