@@ -294,7 +294,11 @@ def _build_ldm(checkpoint: str | Path) -> LatentDiffusion:
     cond = _text_encoder(loaded.config, state_dict)
     model = LatentDiffusion(loaded.parts["unet"], loaded.parts["vae"], cond, loaded.alphas_cumprod,
                             loaded.config.prediction_type, float(loaded.config.scale_factor))
-    model.requires_grad_(False)
+    # As ldm does: the first stage and the (non-trainable) cond stage are frozen when instantiated; the UNet
+    # keeps requires_grad=True, and the WebUI leaves it so (training code must freeze what it does not train).
+    model.model.requires_grad_(True)  # the parts come from our loader, which freezes them
+    model.first_stage_model.requires_grad_(False)
+    model.cond_stage_model.requires_grad_(False)
     model.eval()
     family = loaded.config.family
     model.is_sd1, model.is_sd2, model.is_sdxl, model.is_ssd, model.is_sd3 = family == "sd1", family == "sd2", False, False, False
