@@ -5,7 +5,7 @@ import pytest
 
 from extensions_lib.errors import AlchemyError
 from extensions_lib.train.dataset import load_template
-from extensions_lib.ui.context import UIContext
+from extensions_lib.jobs.context import UIContext
 
 # The WebUI v1.10.1 `textual_inversion_templates/` folder: file -> (line count, first line).
 WEBUI_TEMPLATES = {
