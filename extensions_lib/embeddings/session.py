@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..hypernetworks.method import frozen_model
 from ..train.loop import TrainResult, train
 from .cpu_memory import keeping_freed_memory, release_free_memory
 from .lean_backward import lean_backward
@@ -119,7 +120,9 @@ class TrainingSession:
         # CPU only for now: the lean layers' backward under CUDA autocast has not been run on a GPU yet.
         lean = lean_backward(unet) if unet is not None and on_cpu else contextlib.nullcontext()
         try:
-            with lean, keeping_freed_memory() if on_cpu else contextlib.nullcontext():
+            # Hosts leave weights trainable (the WebUI's UNet): freeze all but the vectors, or every step
+            # computes gradients for the whole UNet and the lean backward cannot apply.
+            with frozen_model(self.adapter), lean, keeping_freed_memory() if on_cpu else contextlib.nullcontext():
                 return train(method, self.options, callbacks, cancel)
         finally:
             method.away = None

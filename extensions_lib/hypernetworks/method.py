@@ -73,9 +73,10 @@ def plain_name(name: str) -> str:
 @contextlib.contextmanager
 def frozen_model(adapter) -> Iterator[None]:
     """Every model parameter without gradient and every module in eval mode inside the block; the
-    previous flags are restored exactly afterwards."""
+    previous flags are restored exactly afterwards, by parameter name (a host that swaps parts in and out
+    of memory may hand back other Parameter objects than it had at the start)."""
     parts = list(adapter.modules().values())
-    grads = [(p, p.requires_grad) for part in parts for p in part.parameters()]
+    grads = [{name: p.requires_grad for name, p in part.named_parameters()} for part in parts]
     modes = [(m, m.training) for part in parts for m in part.modules()]
     for part in parts:
         part.requires_grad_(False)
@@ -83,8 +84,9 @@ def frozen_model(adapter) -> Iterator[None]:
     try:
         yield
     finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
+        for part, flags in zip(parts, grads):
+            for name, p in part.named_parameters():
+                p.requires_grad_(flags.get(name, p.requires_grad))
         for m, flag in modes:
             m.training = flag
 

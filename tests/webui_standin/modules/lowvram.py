@@ -30,7 +30,7 @@ def _offload(module):
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
-                params[(id(sub), name)] = (sub, p)
+                params[(id(sub), name)] = (sub, p, p.requires_grad)
                 sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
         for name, b in list(sub._buffers.items()):
             if b is not None:
@@ -41,7 +41,11 @@ def _offload(module):
 
 def _bring(module):
     params, buffers = _stash.pop(id(module), ({}, {}))
-    for (_, name), (sub, p) in params.items():
+    for (_, name), (sub, p, flag) in params.items():
+        # The real host moves the same Parameter objects (.to()): a requires_grad flag set through the module
+        # while the part was away is what it has when it comes back.
+        if sub._parameters[name].requires_grad != flag:
+            p.requires_grad_(sub._parameters[name].requires_grad)
         sub._parameters[name] = p
     for (_, name), (sub, b) in buffers.items():
         sub._buffers[name] = b
