@@ -39,12 +39,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
 from extensions_lib.backend.configs import alphas_cumprod_from_schedule, load_config  # noqa: E402
 from extensions_lib.hypernetworks.module import Architecture, Hypernetwork  # noqa: E402
 from extensions_lib.hypernetworks.patch import apply_hypernetworks  # noqa: E402
+from webui_loops import host_checkpointing  # noqa: E402
 
 STEP_TARGET = 1.03
 TRAIN_TARGET = 0.7
@@ -249,25 +251,6 @@ def bench_train(size: int, sizes: list[int], activation: str, runs: int) -> dict
             finally:
                 patch.unpatch()
     return {"ours": fast, "webui": slow, "ours_b": fast_b, "frozen": frozen}
-
-
-@contextlib.contextmanager
-def host_checkpointing(unet, on: bool):
-    """The WebUI's ``sd_hijack_checkpoint.add()`` on a diffusers UNet: each transformer block's and resnet
-    block's forward runs under ``torch.utils.checkpoint`` (recomputed in the backward pass)."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))] if on else []
-    for m in blocks:
-        original = m.forward
-        m.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(original)
-    try:
-        yield
-    finally:
-        for m in blocks:
-            del m.forward
 
 
 # ---- report --------------------------------------------------------------------------------------------
