@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["full", "tiny"], default="full")
     parser.add_argument("--sizes", default="64,256", help="training sizes in pixels")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per side and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first in each run")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "alchemy-bench-host"),
                         help="folder for the random checkpoint (kept between runs)")
