@@ -85,14 +85,15 @@ def _as_float(text: str | None) -> float | None:
 
 
 def _merge_equal_weights(segments: list) -> list[tuple[str, float]]:
-    """Join neighbouring text segments of equal weight; :data:`BREAK` markers stay on their own."""
+    """Join neighbouring segments of equal weight, as the host does (BREAK markers included: they are
+    ``["BREAK", -1]`` entries there); an entry still ``("BREAK", -1)`` afterwards is the :data:`BREAK` marker."""
     merged: list = []
     for seg in segments:
-        if seg is not BREAK and merged and merged[-1] is not BREAK and seg[1] == merged[-1][1]:
+        if merged and seg[1] == merged[-1][1]:
             merged[-1][0] += seg[0]
         else:
             merged.append(seg)
-    return [seg if seg is BREAK else tuple(seg) for seg in merged]
+    return [BREAK if seg[0] == BREAK[0] and seg[1] == BREAK[1] else tuple(seg) for seg in merged]
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -100,20 +101,20 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     ``(a)`` x1.1, ``[a]`` /1.1, ``(a:1.3)`` x1.3, nesting multiplies, unclosed brackets apply to the
     rest, ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal, stray closers are text, and each ``BREAK``
-    keyword becomes the :data:`BREAK` object itself (test with ``is``). Adjacent text segments of equal
-    weight are merged.
+    keyword becomes the :data:`BREAK` object itself (test with ``is``). Adjacent segments of equal weight
+    are merged. As in the host, a BREAK is a weight -1 entry until the end: inside brackets it is scaled and
+    so becomes the text "BREAK" with that (negative) weight, not a chunk break.
 
     >>> parse_prompt_attention("an (important) word")
     [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
     """
-    segments: list = []  # [text, weight] lists (brackets scale them in place) and BREAK markers
+    segments: list = []  # [text, weight] lists (brackets scale them in place); ["BREAK", -1.0] for the keyword
     open_round: list[int] = []
     open_square: list[int] = []
 
     def scale_from(start: int, factor: float) -> None:
         for seg in segments[start:]:
-            if seg is not BREAK:
-                seg[1] *= factor
+            seg[1] *= factor
 
     for m in _ATTENTION.finditer(text):
         token, weight = m.group(0), _as_float(m.group("weight"))
@@ -130,7 +131,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         elif token == "]" and open_square:
             scale_from(open_square.pop(), SQUARE_MULTIPLIER)
         else:
-            segments += [BREAK if piece is None else [piece, 1.0] for piece in _split_breaks(token)]
+            segments += [list(BREAK) if piece is None else [piece, 1.0] for piece in _split_breaks(token)]
     # Unclosed brackets, outermost first, round before square (the order decides the float rounding).
     for start in open_round:
         scale_from(start, ROUND_MULTIPLIER)

@@ -127,9 +127,45 @@
         schedule(300);
     };
 
+    // Inside the WebUI our Train sub-tabs sit in the left half of its Train tab; the right half
+    // (#ti_gallery_container) is where the built-in trainer shows its output. Each of our sub-tabs' right-hand
+    // column (.alchemy-side-pane: progress, loss curve, preview, result) is moved there, shown while its
+    // sub-tab is open, and the host's own (then empty) output is hidden meanwhile. Standalone there is no such
+    // column and the panes stay beside their forms.
+    function placeSidePanes() {
+        var container = root().querySelector("#ti_gallery_container");
+        if (!container) return;
+        root().querySelectorAll(".alchemy-side-pane").forEach(function (pane) {
+            if (pane.parentElement === container) return;
+            var tab = pane.closest("[id^='alchemy_'][id$='_tab']");
+            if (!tab) return;
+            pane.dataset.alchemyTab = tab.id;
+            container.insertBefore(pane, container.firstChild);
+        });
+        var active = false;
+        container.querySelectorAll(".alchemy-side-pane").forEach(function (pane) {
+            var tab = root().querySelector("#" + pane.dataset.alchemyTab);
+            var shown = !!tab && tab.offsetParent !== null;
+            if ((pane.style.display !== "none") !== shown) pane.style.display = shown ? "" : "none";
+            active = active || shown;
+        });
+        if (container.classList.contains("alchemy-side-active") !== active) {
+            container.classList.toggle("alchemy-side-active", active);
+        }
+    }
+
     function init() {
         schedule(0); // pick up a job that was already running when the page was opened
+        placeSidePanes();
+        if (typeof onUiUpdate === "function") {
+            onUiUpdate(placeSidePanes); // the WebUI calls this after DOM changes, e.g. a sub-tab switch
+        } else if (typeof MutationObserver === "function") {
+            new MutationObserver(placeSidePanes).observe(root(), {childList: true, subtree: true,
+                attributes: true, attributeFilter: ["style", "class"]});
+        }
     }
+
+    window.alchemyPlaceSidePanes = placeSidePanes;
 
     if (typeof onUiLoaded === "function") {
         onUiLoaded(init); // inside the WebUI

@@ -91,8 +91,9 @@ def test_break_keyword():
     parsed = parse_prompt_attention("a cat BREAK, (dog) BREAKfast BREAK")
     assert parsed == [("a cat", 1.0), BREAK, (", ", 1.0), ("dog", 1.1), (" BREAKfast", 1.0), BREAK, ("", 1.0)]
     assert parsed[1] is BREAK
-    # Inside brackets BREAK still breaks and keeps its marker weight.
-    assert parse_prompt_attention("(a BREAK b)") == [("a", 1.1), BREAK, ("b", 1.1)]
+    # As in the host, brackets scale a BREAK too: it is then the text "BREAK" at weight -1.1, not a break.
+    parsed = parse_prompt_attention("(a BREAK b)")
+    assert parsed[0] == ("a", 1.1) and parsed[1] == ("BREAK", -1.1) and parsed[1] is not BREAK
 
 
 # --- chunking -------------------------------------------------------------------------------------

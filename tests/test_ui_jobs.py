@@ -206,6 +206,10 @@ def test_hypernetwork_toggle_and_prompt_tag_apply_the_same_network(context):
     plain = make(GenerateRequest(opts, loaders))
     assert images_equal(toggled, tagged) and not images_equal(toggled, plain)
     assert "Hypernet: hn, Hypernet strength: 0.5" in toggled.info["parameters"]
+    # A tag naming the toggled network replaces the toggle's strength: applied once, at the tag's strength.
+    both = make(GenerateRequest(dataclasses.replace(opts, prompt="a house <hypernet:hn:0.5>"), loaders,
+                                hypernetwork="hn", hypernetwork_strength=0.9))
+    assert images_equal(both, tagged)
     # the patch is gone after each generation: the plain image is the unpatched model's
     assert images_equal(plain, generate_from(context.model(), opts)[0])
 

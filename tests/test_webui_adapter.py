@@ -228,3 +228,12 @@ def test_sdxl_is_described_for_embeddings_and_refused_for_the_rest(tmp_path, tin
         ad.encode_token_chunks(torch.zeros(1, 77, dtype=torch.long))
     with pytest.raises(UnsupportedModel, match="SDXL"):
         ad.predict(torch.zeros(1, 4, 8, 8), torch.tensor([1]), torch.zeros(1, 77, 2048))
+
+
+def test_the_standin_leaves_the_unet_trainable_like_the_real_host(tmp_path, tiny_checkpoint):
+    """ldm freezes only its first stage and cond stage; the WebUI leaves the UNet's requires_grad=True."""
+    with standin_host(tmp_path) as host:
+        model = host.load_model(tiny_checkpoint("sd1"))
+        assert all(p.requires_grad for p in model.model.diffusion_model.parameters())
+        assert not any(p.requires_grad for p in model.first_stage_model.parameters())
+        assert not any(p.requires_grad for p in model.cond_stage_model.parameters())

@@ -161,6 +161,17 @@ def test_training_endpoints(webui, tmp_path):
     assert r.status_code == 200 and r.json()["final_path"].endswith("hnet.pt")
 
 
+def test_training_takes_the_webuis_template_names(webui, tmp_path):
+    host, _extension, client = webui
+    data = make_folder(tmp_path / "data", n=2, size=(64, 64))
+    for name in ("hypernetwork", "none.txt"):  # the WebUI's own defaults for hypernetworks
+        r = client.post(f"{V1}/train/hypernetwork", json={**_train_body(data, steps=1, template_file=name),
+                                                          "wait": True})
+        assert r.status_code == 200, r.json()
+    r = client.post(f"{V1}/train/hypernetwork", json=_train_body(data, template_file="no_such_template"))
+    assert r.status_code == 400 and "subject_filewords" in r.json()["error"]
+
+
 def test_no_model_loaded_is_503(tmp_path):
     with standin_host(tmp_path) as host:
         _extension(host)
@@ -210,3 +221,31 @@ def test_a_malformed_api_auth_leaves_the_api_off(tmp_path):
         _extension(host)
         client = _client(host, api_auth="no-colon-here")
         assert client.get(f"{V1}/embeddings").status_code == 404
+
+
+def test_create_routes_take_the_create_tabs_options(webui, tmp_path):
+    from extensions_lib.hypernetworks.file import read_hypernetwork
+
+    host, _extension, client = webui
+    r = client.post(f"{V1}/create/hypernetwork",
+                    json={"options": {"name": "fresh", "sizes": [768, 320], "layer_structure": "1, 3, 1",
+                                      "activation_func": "relu"}})  # a WebUI /sdapi name for "activation"
+    assert r.status_code == 200, r.json()
+    hn = read_hypernetwork(r.json()["path"])
+    assert hn.sizes == [768, 320] and list(hn.arch.layer_structure) == [1, 3, 1] and hn.arch.activation_func == "relu"
+    assert "fresh" in [h["name"] for h in client.get(f"{V1}/hypernetworks").json()["hypernetworks"]]
+    assert "fresh" in host.shared.hypernetworks  # the host's own list knows it at once
+
+    r = client.post(f"{V1}/create/embedding", json={"options": {"name": "newtok", "init_text": "cat",
+                                                                 "num_vectors_per_token": 3}})
+    assert r.status_code == 200, r.json()
+    listed = {e["name"]: e for e in client.get(f"{V1}/embeddings").json()["embeddings"]}
+    assert listed["newtok"]["vectors"] == 3 and listed["newtok"]["usable"]
+    db = host.sd_hijack.model_hijack.embedding_db
+    assert "newtok" in db.word_embeddings  # the WebUI's database reloaded: usable in prompts without a refresh
+
+    again = client.post(f"{V1}/create/embedding", json={"options": {"name": "newtok"}})
+    assert again.status_code in (400, 409, 422) and "exists" in again.json()["error"]
+    assert client.post(f"{V1}/create/hypernetwork", json={"options": {"name": ""}}).status_code == 400
+    assert client.post(f"{V1}/create/hypernetwork", json={"options": {"nope": 1}}).status_code == 400
+    assert client.post(f"{V1}/create/dreambooth", json={}).status_code == 404

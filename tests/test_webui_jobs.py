@@ -196,3 +196,8 @@ def test_embedding_created_and_trained_under_medvram_reaches_the_hosts_prompts(t
         assert trained.state == "done", trained.error
         after = db.word_embeddings["zqxstyle"]
         assert after.step == 2 and not torch.equal(after.vec, start)  # reloaded with the trained vectors
+        # The host's UNet is left trainable (ldm + WebUI): training froze it, computed no gradient for it,
+        # and gave it back as it was.
+        unet = list(model.model.diffusion_model.parameters())
+        assert all(p.grad is None for p in unet), "grad"
+        assert all(p.requires_grad for p in unet), "requires_grad"

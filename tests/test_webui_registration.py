@@ -86,7 +86,12 @@ def test_settings_section_is_rendered_from_the_option_dataclasses(tmp_path):
             for key, info in ours.items():
                 args = info.component_args() if callable(info.component_args) else info.component_args or {}
                 default = {bool: gr.Checkbox, int: gr.Number, float: gr.Number}.get(type(info.default), gr.Textbox)
-                (info.component or default)(label=info.label, value=host.shared.opts.data[key], elem_id=key, **args)
+                component = (info.component or default)(label=info.label, value=host.shared.opts.data[key],
+                                                        elem_id=key, **args)
+                # What the settings page stores is the component's preprocess of the number the browser
+                # sends: integer options must come back as integers (e.g. to /sdapi/v1/options).
+                if type(info.default) is int:
+                    assert type(component.preprocess(info.default)) is int, key
 
 
 def test_saved_settings_become_the_tabs_defaults(tmp_path):

@@ -80,6 +80,11 @@ def test_toggle_goes_through_the_hosts_hypernetworks_and_infotext(tmp_path, tiny
         assert "Hypernet: hnet" in infotext and "Hypernet strength: 0.5" in infotext
         assert f"Hypernet hash: {extension.hypernetworks.file_hash(hn_path)}" in infotext
 
+        # A prompt tag naming the toggled network replaces the toggle's strength: loaded once, at 0.8.
+        p, out = run_txt2img(host, model, PROMPT + "<hypernet:hnet:0.8>")
+        assert [(h.name, h.loaded.layers[32][0].multiplier) for h in host.shared.loaded_hypernetworks] == [("hnet", 0.8)]
+        same(out, reference_output(ref, hn_path, 0.8))
+
         host.shared.opts.data.update(alchemy_hypernetwork="None")
         p, out = run_txt2img(host, model)
         assert host.shared.loaded_hypernetworks == [] and torch.equal(out, baseline)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..options import option
 from ..prompt import CHUNK_LENGTH
-from ..train.options import PreviewOptions, TrainingOptions
+from ..train.options import TEMPLATE_HELP, PreviewOptions, TrainingOptions
 
 _EMB = "Embedding"
 
@@ -33,8 +33,7 @@ class EmbeddingMethodOptions(TrainingOptions):
 
     # The WebUI's default template for embeddings (the core's default is subject_filewords).
     template_file: str = option("style_filewords", label="Prompt template", group="Dataset",
-                                help="prompt template file (one prompt per line, [name] and [filewords] are filled "
-                                     "in), or a shipped one: style, style_filewords, subject, subject_filewords")
+                                help=TEMPLATE_HELP)
 
     embedding_name: str = option("", label="Embedding", group=_EMB,
                                  help="the embedding to train, by name (a file in the embeddings folder)")

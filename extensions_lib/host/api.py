@@ -8,6 +8,8 @@ Every route runs the same job functions as the tabs (``extensions_lib.jobs.datas
     GET  /alchemy/v1/hypernetworks           hypernetworks the toggle can use (and skipped files)
     POST /alchemy/v1/tag/image               {"image": base64, "model"?, "options"?, "run"?} -> {"caption"}
     POST /alchemy/v1/tag/folder              {"folder", "model"?, "options"?, "run"?, "wait"?} -> 202 job
+    POST /alchemy/v1/create/{method}         {"options": {...}} -> 200 {"path"}: the method's Create tab
+                                             (its create options, or the WebUI's /sdapi/v1/create names)
     POST /alchemy/v1/train/{method}          {"options": {...}, "wait"?} -> 202 job; one route per
                                              registered method (embedding, hypernetwork, ...)
     POST /alchemy/v1/jobs/stop               stop the running job (it saves first)
@@ -134,6 +136,18 @@ def tagger_folder(context, model: str, download: bool) -> Path:
 
 # ---- the routes ----------------------------------------------------------------------------------------
 
+WEBUI_CREATE_NAMES = {"overwrite_old": "overwrite", "enable_sizes": "sizes", "activation_func": "activation",
+                      "add_layer_norm": "layer_norm"}
+"""The WebUI's own ``/sdapi/v1/create/*`` field names where ours differ; the create routes take both."""
+
+
+def webui_names(cls, values: dict) -> dict:
+    """`values` with the WebUI's create field names turned into `cls`'s option names."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    return {WEBUI_CREATE_NAMES.get(k, k) if k not in fields and WEBUI_CREATE_NAMES.get(k) in fields else k: v
+            for k, v in values.items()}
+
+
 class AlchemyApi:
     """The route handlers over a runner and a ``() -> UIContext`` (rebuilt per request: settings may change).
 
@@ -203,11 +217,38 @@ class AlchemyApi:
         if not getattr(options, name_option):
             raise BadRequest(f"option {name_option} is required", fix=f"send \"options\": {{\"{name_option}\": ...}}")
         existing_folder(options.data_root, "data_root folder")
+        if hasattr(options, "template_file"):
+            context.resolve_template(options.template_file)  # 400 naming the choices before anything starts
         context.model()  # NoModelLoaded (503) before anything starts
         p = self._run(resolve(method.train_job), TrainRequest(options=options, context=context),
                       f"Training {method.noun} {getattr(options, name_option)}", method.train_panel,
                       wait=bool(payload.get("wait")))
         return self._finished(p, lambda: _train_result(p.result)) if payload.get("wait") else self._accepted(p)
+
+    def create(self, kind: str, payload: dict):
+        """A method's Create tab over HTTP: same options and job; answers when the file is written."""
+        from ..jobs.training import CreateRequest
+        from ..methods.registry import find, resolve
+
+        try:
+            method = find(kind)
+        except AlchemyError as exc:
+            raise NotFound(exc.what, fix=exc.fix) from None
+        if method.create_options is None:
+            raise NotFound(f"training method {kind!r} has nothing to create", fix=f"use /train/{kind}")
+        context = self.context()
+        check_supported(context, method.create_panel)
+        cls = method.create_options
+        options = options_from(cls, context.defaults_for(cls), webui_names(cls, _object(payload, "options")),
+                               "request 'options'")
+        request = CreateRequest(options, context)
+        job = resolve(method.create_job)
+        if not method.create_needs_model:
+            return 200, {"path": str(job(request, None))}
+        context.model()  # NoModelLoaded (503) before anything starts
+        p = self._run(job, request, f"Creating {method.noun} {getattr(options, 'name', '')}", method.create_panel,
+                      wait=True)
+        return self._finished(p, lambda: {"path": str(p.result)})
 
     def stop(self, payload=None):
         if not self.runner.interrupt():
@@ -327,6 +368,9 @@ def register(app, api: AlchemyApi, prefix: str = PREFIX, *, credentials: dict[st
     def train_route(kind: str, payload: dict = Body(default={})):
         return respond(api.train, kind, payload)
 
+    def create_route(kind: str, payload: dict = Body(default={})):
+        return respond(api.create, kind, payload)
+
     def job_route(job_id: str):
         return respond(api.job, job_id)
 
@@ -334,6 +378,7 @@ def register(app, api: AlchemyApi, prefix: str = PREFIX, *, credentials: dict[st
               ("GET", "/hypernetworks", lambda: respond(api.list_hypernetworks)),
               ("POST", "/tag/image", body_route(api.tag_image)),
               ("POST", "/tag/folder", body_route(api.tag_folder)),
+              ("POST", "/create/{kind}", create_route),
               ("POST", "/train/{kind}", train_route),
               ("POST", "/jobs/stop", lambda: respond(api.stop)),
               ("GET", "/jobs/current", lambda: respond(api.current_job)),

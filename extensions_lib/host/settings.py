@@ -193,8 +193,10 @@ def option_info(shared, setting: Setting, gr=None):
         component, args = gr.Textbox, {"lines": 3}
     elif setting.widget == "number":
         component = gr.Number
-        if setting.minimum is not None or setting.maximum is not None:
-            args = {k: v for k, v in (("minimum", setting.minimum), ("maximum", setting.maximum)) if v is not None}
+        args = {k: v for k, v in (("minimum", setting.minimum), ("maximum", setting.maximum)) if v is not None}
+        if _is_integer(setting.default):
+            args["precision"] = 0  # else gradio hands the settings page 100000.0, stored and served as a float
+        args = args or None
     elif setting.widget == "checkbox":
         component = gr.Checkbox
     kwargs = dict(component=component, component_args=args, section=SECTION[:2], refresh=setting.refresh)
@@ -210,6 +212,10 @@ def option_info(shared, setting: Setting, gr=None):
     if setting.info and hasattr(info, "info"):
         info = info.info(setting.info)
     return info
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def register(shared, settings: Sequence[Setting], gr=None) -> None:

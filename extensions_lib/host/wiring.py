@@ -9,7 +9,8 @@ Hypernetworks (the settings toggle: a hypernetwork and a strength):
 
 - host path, where the host has ``shared.loaded_hypernetworks`` and the ``hypernet`` extra network: the
   toggle adds ``<hypernet:NAME:STRENGTH>`` to each batch's prompts before the host parses extra networks,
-  so the host loads and applies it itself; hypernetworks from our folder are published in
+  so the host loads and applies it itself (a prompt that already has a tag for that network keeps its own:
+  the tag replaces the toggle's strength, never adds to it); hypernetworks from our folder are published in
   ``shared.hypernetworks`` so the host can find them by name;
 - our path, on hosts without that: our reversible attention patch
   (:mod:`extensions_lib.hypernetworks.patch`) stays on the current model while the toggle is on; it is

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..options import option
-from ..train.options import PreviewOptions, TrainingOptions
+from ..train.options import TEMPLATE_HELP, PreviewOptions, TrainingOptions
 
 DEFAULT_LEARN_RATE = "0.00001"
 """The WebUI's "Hypernetwork Learning rate" default."""
@@ -36,9 +36,7 @@ class HypernetworkMethodOptions(TrainingOptions):
                              help="a rate, or a schedule like '1e-5:1000, 5e-6' (rate until step); hypernetworks "
                                   "need tiny rates: embedding-style rates (0.005) turn them into noise")
     template_file: str = option("style_filewords", label="Prompt template", group="Dataset",
-                                help="prompt template file (one prompt per line, [name] and [filewords] are filled "
-                                     "in), or a shipped one: style, style_filewords, subject, subject_filewords, "
-                                     "filewords")
+                                help=TEMPLATE_HELP)
 
     clip_skip: int = option(1, minimum=1, maximum=12, step=1, group=_HN,
                             help="use the text encoder's N-th layer from the end while training (the WebUI's Clip "

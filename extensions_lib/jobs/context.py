@@ -95,13 +95,33 @@ class UIContext:
         path = Path(os.path.expanduser(value or "textual_inversion"))
         return path if path.is_absolute() else self.log_root / path
 
-    def template_choices(self) -> list[str]:
-        """Prompt templates offered in the train tabs: the shipped ones, then the host's extra files."""
+    def _templates(self) -> dict[str, Path]:
+        """Template file name -> path: the shipped set (the WebUI's own files plus ``filewords``), then the
+        host's ``textual_inversion_templates`` folder searched recursively as the WebUI does, which wins
+        on a shared name (a user who edited the host's copy gets it)."""
         from importlib import resources
 
-        shipped = sorted(p.name[:-4] for p in resources.files("extensions_lib.train").joinpath("templates").iterdir()
-                         if p.name.endswith(".txt"))
-        extra = []
+        found = {p.name: Path(str(p)) for p in resources.files("extensions_lib.train").joinpath("templates").iterdir()
+                 if p.name.endswith(".txt")}
         if self.templates_dir is not None and self.templates_dir.is_dir():
-            extra = sorted(str(p) for p in self.templates_dir.glob("*.txt"))
-        return shipped + extra
+            found.update({p.name: p for p in sorted(self.templates_dir.rglob("*.txt")) if p.is_file()})
+        return found
+
+    def template_choices(self) -> list[str]:
+        """Prompt templates offered in the train tabs, by name (``style_filewords``, ``hypernetwork``, ...)."""
+        return sorted(name[:-4] for name in self._templates())
+
+    def resolve_template(self, value: str) -> str:
+        """A template as the tabs and the API take it (a name from :meth:`template_choices` with or without
+        ``.txt``, or a file path) -> the file to read; AlchemyError naming the choices when there is none."""
+        value = str(value or "").strip()
+        if not value:
+            raise AlchemyError("no prompt template given", fix="pick one of: " + ", ".join(self.template_choices()))
+        if Path(os.path.expanduser(value)).is_file():
+            return os.path.expanduser(value)
+        templates = self._templates()
+        name = value if value.endswith(".txt") else f"{value}.txt"
+        if Path(value).name == value and name in templates:
+            return str(templates[name])
+        raise AlchemyError("prompt template not found", value,
+                           fix="give a .txt file path or one of: " + ", ".join(self.template_choices()))

@@ -51,10 +51,13 @@ def with_txt2img_preview(options, values: Sequence[Any]):
 
 def for_context(options, context: UIContext):
     """The options with the host's folder filled in (the one the tab does not show: the registered method's
-    ``folder_option``), the log directory resolved and a fixed seed."""
+    ``folder_option``), the log directory resolved, the template name resolved to its file (the host's
+    template folder first) and a fixed seed."""
     from ..methods.registry import for_options
 
     changes: dict[str, Any] = {"log_directory": str(context.resolve_log_directory(options.log_directory))}
+    if hasattr(options, "template_file"):
+        changes["template_file"] = context.resolve_template(options.template_file)
     method = for_options(type(options))
     if method is not None and method.folder_option is not None:
         changes[method.folder_option] = str(context.folder(method.folder))

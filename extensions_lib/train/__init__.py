@@ -24,6 +24,6 @@ A method in brief (textual inversion, say)::
         method = MyMethod(adapter, data, provenance=collect(adapter, data.dataset, source_note=...))
         result = train(method, plan, callbacks=show_progress, cancel=stop_event)
 
-Shipped prompt templates live in ``templates/`` (subject, subject_filewords, style, style_filewords,
-filewords).
+Shipped prompt templates live in ``templates/``: the WebUI's own set (subject, subject_filewords, style,
+style_filewords, hypernetwork, none) and filewords.
 """

@@ -25,14 +25,18 @@ from ..sampling.samplers import SAMPLERS
 _DATA, _RUN, _OPT, _SAVE, _PREVIEW = "Dataset", "Run", "Optimisation", "Saving and logging", "Previews"
 
 
+TEMPLATE_HELP = ("prompt template: a .txt file (one prompt per line, [name] and [filewords] are filled in) or a "
+                 "name: the WebUI's own set (style, style_filewords, subject, subject_filewords, hypernetwork, "
+                 "none), filewords, or any file in the host's textual_inversion_templates folder")
+
+
 @dataclass
 class TrainingOptions:
     # --- dataset ----------------------------------------------------------------------------------
     data_root: str = option("", help="folder of training images (captions in .txt files beside them, or the file names)",
                             label="Dataset directory", group=_DATA)
     template_file: str = option("subject_filewords", label="Prompt template",
-                                help="prompt template file (one prompt per line, [name] and [filewords] are filled "
-                                     "in), or a shipped one: style, style_filewords, subject, subject_filewords",
+                                help=TEMPLATE_HELP,
                                 group=_DATA)
     training_width: int = option(512, help="width images are resized to", label="Width",
                                  minimum=64, maximum=2048, step=8, group=_DATA)

@@ -15,7 +15,7 @@ from ..jobs.progress import JobRunner
 from ..jobs.training import CreateRequest
 from ..methods.registry import MethodSpec, resolve
 from .forms import render_options
-from .widgets import error_text, outcome, progress_panel, run_and_report, unsupported_note, watch_js
+from .widgets import SIDE_PANE_CLASS, error_text, outcome, progress_panel, run_and_report, unsupported_note, watch_js
 
 
 def build_create_tab(runner: JobRunner, context: UIContext, method: MethodSpec) -> None:
@@ -31,7 +31,7 @@ def build_create_tab(runner: JobRunner, context: UIContext, method: MethodSpec) 
         with gr.Column(scale=3):
             form = render_options(options_cls, context.defaults_for(options_cls), elem_prefix=prefix)
             button = gr.Button(f"Create {method.noun}", variant="primary", elem_id=f"{prefix}_start")
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, elem_classes=[SIDE_PANE_CLASS]):
             if method.create_needs_model:
                 progress_panel(panel)
             result = gr.Textbox(label="Result", lines=3, interactive=False, elem_id=f"{prefix}_result")

@@ -2,7 +2,9 @@
 
 Left: what to train (a dropdown of existing files, with refresh), the prompt template (shipped templates
 and the host's, or a path), then every other option of the method's options class under its headings.
-Right: the live progress panel, the outcome, and the files in the output folder. The method-specific
+Right: the live progress panel (bar, loss curve, latest preview), the outcome, and the files in the output
+folder; inside the WebUI ``javascript/alchemy.js`` moves this pane into the Train tab's own right-hand column
+(``#ti_gallery_container``) while the sub-tab is open, where the built-in trainer shows its output. The method-specific
 parts come in a :class:`TrainTabSpec`. Inside the WebUI (``context.preview_params`` set) the preview
 settings are read from its txt2img tab, as the built-in Train tab does, instead of being shown here.
 """
@@ -22,8 +24,8 @@ from ..jobs.context import UIContext
 from .forms import render_options
 from ..jobs.progress import JobRunner
 from ..jobs.training import PREVIEW_FIELDS, TrainRequest, with_txt2img_preview
-from .widgets import (error_text, interrupt_button, outcome, progress_panel, refresh_button, run_and_report,
-                      unsupported_note, watch_js)
+from .widgets import (SIDE_PANE_CLASS, error_text, interrupt_button, outcome, progress_panel, refresh_button,
+                      run_and_report, unsupported_note, watch_js)
 
 TEMPLATE_OPTION = "template_file"
 
@@ -101,6 +103,7 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
         unsupported_note(context.unsupported[spec.panel])
         return
     prefix = f"alchemy_{spec.panel}"
+    tab = gr.context.Context.block  # the gr.Tab this is built into (if it is one)
     defaults = context.defaults_for(spec.options_cls)
     name_spec = option_spec(spec.options_cls, spec.name_option)
     template_spec = option_spec(spec.options_cls, TEMPLATE_OPTION)
@@ -122,7 +125,7 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
             with gr.Row():
                 start = gr.Button(f"Train {spec.noun.capitalize()}", variant="primary", elem_id=f"{prefix}_start")
                 interrupt_button(runner, spec.panel)
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, elem_classes=[SIDE_PANE_CLASS]):
             progress_panel(spec.panel)
             result = gr.Textbox(label="Result", lines=4, interactive=False, elem_id=f"{prefix}_result")
             files = gr.HTML(spec.listing.html(), elem_id=f"{prefix}_files")
@@ -148,4 +151,9 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
     start.click(fn=on_train, inputs=[name, template, *form.inputs, *from_txt2img], outputs=[result, files, name],
                 _js=watch_js(spec.panel))
     refresh.click(fn=on_refresh, inputs=[], outputs=[name, files])
+    # Files made since the page was built (the Create tab, the API, the CLI, the host) are listed when the
+    # sub-tab is opened and when the list gets focus: no refresh click needed.
+    if isinstance(tab, gr.Tab):
+        tab.select(fn=on_refresh, inputs=[], outputs=[name, files], queue=False)
+    name.focus(fn=on_refresh, inputs=[], outputs=[name, files], queue=False)
 

@@ -15,6 +15,9 @@ import gradio as gr
 from ..errors import AlchemyError
 from ..jobs.progress import JobProgress, JobRunner, run_job, status_line
 
+SIDE_PANE_CLASS = "alchemy-side-pane"
+"""A tab's right-hand column (progress, outcome): inside the WebUI's Train tab ``alchemy.js`` shows it in the
+host's right-hand column (``#ti_gallery_container``) while that sub-tab is open."""
 REFRESH_SYMBOL = "\u21bb"  # ↻: an arrow every font has (the WebUI's 🔄 needs an emoji font)
 
 

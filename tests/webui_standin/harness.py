@@ -59,8 +59,8 @@ def standin_host(data_dir: Path, *, medvram: bool = False, missing: tuple[str, .
             ns.scripts.load_scripts([str(EXTENSION_ROOT)])
             return [script for script in ns.processing.always_on_scripts()]
 
-        def load_model(checkpoint):
-            return ns.sd_models.load_model(checkpoint)
+        def load_model(checkpoint, cached=True):
+            return ns.sd_models.load_model(checkpoint, cached=cached)
 
         def build_ui():
             """What ``ui.create_ui`` does with extension callbacks: settings, train sub-tabs, tabs."""

@@ -1,34 +1,27 @@
 """Stand-in for ``modules/sd_hijack_clip.py``: the prompt wrapper the host puts around the text encoder.
 
-``forward(texts)`` follows the host: prompts -> 75-token chunks with embedding fixes, ``hijack.fixes`` set
-for each chunk batch (``EmbeddingsWithFixes`` reads them), emphasis, chunks concatenated. Chunking is
-borrowed from ``extensions_lib.prompt`` (a test double: the real host has its own copy of these rules).
+Prompt parsing, chunking (75-token chunks, BREAK, comma backtrack, embedding fixes), ``hijack.fixes`` per
+chunk batch and emphasis are the host's own rules as restated in ``tests/host_prompt_reference.py``, which
+is independent of ``extensions_lib.prompt`` (tests hold that against this).
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
-from modules import devices, shared
+from modules import shared
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from host_prompt_reference import HostPromptWrapper  # noqa: E402
+sys.path.pop(0)
 
 
-class _DbMatcher:
-    """``extensions_lib.prompt``'s matcher interface over the host's ``EmbeddingDatabase``."""
-
-    def __init__(self, db):
-        self.db = db
-
-    def find_at(self, tokens, pos):
-        embedding, length = self.db.find_embedding_at_position(tokens, pos)
-        if embedding is None:
-            return None
-        return length, embedding.vectors, embedding
-
-
-class TextConditionalModel(torch.nn.Module):
+class TextConditionalModel(HostPromptWrapper, torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.hijack = None
-        self.chunk_length = 75
         self.is_trainable = False
         self.input_key = 'txt'
         self.return_pooled = False
@@ -36,6 +29,9 @@ class TextConditionalModel(torch.nn.Module):
         self.id_start = None
         self.id_end = None
         self.id_pad = None
+
+    def host_opts(self):
+        return shared.opts
 
     def tokenize(self, texts):
         raise NotImplementedError
@@ -45,36 +41,6 @@ class TextConditionalModel(torch.nn.Module):
 
     def encode_embedding_init_text(self, init_text, nvpt):
         raise NotImplementedError
-
-    def process_texts(self, texts):
-        from extensions_lib.prompt import SpecialTokens, chunk_prompt
-
-        ids = SpecialTokens(self.id_start, self.id_end, self.id_pad, self.comma_token)
-        matcher = _DbMatcher(self.hijack.embedding_db)
-        batch_chunks = [chunk_prompt(self, text, ids, matcher, shared.opts.emphasis, shared.opts.comma_padding_backtrack)
-                        for text in texts]
-        return batch_chunks, max(len(c) for c in batch_chunks) * self.chunk_length
-
-    def forward(self, texts):
-        from extensions_lib.prompt import SpecialTokens, apply_emphasis, even_out_chunks
-
-        batch_chunks, _ = self.process_texts(texts)
-        batch_chunks = even_out_chunks(batch_chunks, SpecialTokens(self.id_start, self.id_end, self.id_pad,
-                                                                   self.comma_token))
-        used_embeddings = {}
-        zs = []
-        for rows in zip(*batch_chunks):
-            self.hijack.fixes = [chunk.fixes for chunk in rows]
-            for fixes in self.hijack.fixes:
-                for _position, embedding in fixes:
-                    used_embeddings[embedding.name] = embedding
-            tokens = torch.asarray([chunk.tokens for chunk in rows]).to(devices.device)
-            z = self.encode_with_transformers(tokens)
-            zs.append(apply_emphasis(z, torch.asarray([chunk.multipliers for chunk in rows]), shared.opts.emphasis))
-        if used_embeddings and shared.opts.textual_inversion_add_hashes_to_infotext:
-            hashes = [f"{name}: {emb.shorthash}" for name, emb in used_embeddings.items()]
-            self.hijack.extra_generation_params["TI hashes"] = ", ".join(hashes)
-        return torch.hstack(zs)
 
 
 class FrozenCLIPEmbedderWithCustomWords(TextConditionalModel):

@@ -35,11 +35,12 @@ def select_checkpoint():
     return None if m is None else m.sd_checkpoint_info
 
 
-def load_model(checkpoint):
-    """Build the LDM-shaped model of `checkpoint` (a path) and make it ``shared.sd_model``."""
+def load_model(checkpoint, *, cached=True):
+    """Build the LDM-shaped model of `checkpoint` (a path) and make it ``shared.sd_model``. cached=False
+    builds it straight from the file, without the per-file cache and its copy (full-size benchmarks)."""
     from webui_standin.ldm_standin import build_ldm
 
-    sd_model = build_ldm(checkpoint)
+    sd_model = build_ldm(checkpoint, cached=cached)
     lowvram.apply(sd_model)
     sd_hijack.model_hijack.hijack(sd_model)
     model_data.set_sd_model(sd_model)
