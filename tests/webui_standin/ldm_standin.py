@@ -272,12 +272,14 @@ def _text_encoder(config, state_dict: dict[str, torch.Tensor]) -> nn.Module:
 _BUILT: dict[tuple[str, int], LatentDiffusion] = {}
 
 
-def build_ldm(checkpoint: str | Path) -> LatentDiffusion:
+def build_ldm(checkpoint: str | Path, cached: bool = True) -> LatentDiffusion:
     """The LDM-shaped model of a tiny checkpoint, float32 on the CPU, with the WebUI's flags set.
 
     Built once per file and then deep-copied, so every host gets its own untouched model quickly."""
     import copy
 
+    if not cached:
+        return _build_ldm(checkpoint)
     key = (str(checkpoint), Path(checkpoint).stat().st_mtime_ns)
     if key not in _BUILT:
         _BUILT[key] = _build_ldm(checkpoint)
