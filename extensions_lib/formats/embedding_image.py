@@ -24,6 +24,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import AlchemyError
+from ..names import is_valid_name
 from .embedding import Embedding, embedding_from_data, name_from_path
 
 TEXT_KEY = "sd-ti-embedding"
@@ -185,8 +186,9 @@ def read_embedding_image(path: str | os.PathLike) -> Embedding:
     if data is None:
         raise AlchemyError("this image holds no embedding", path,
                            "use an image saved with embedding data, or re-save it losslessly (PNG/WebP)")
+    # The stored name is untrusted: it becomes the run's log folder and snapshot names when trained.
     name = data.get("name") if isinstance(data, dict) else None
-    return embedding_from_data(data, name if isinstance(name, str) and name else name_from_path(path), path)
+    return embedding_from_data(data, name if is_valid_name(name) else name_from_path(path), path)
 
 
 def image_data(embedding: Embedding) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import AlchemyError
+from ..names import is_valid_name
 from ..safe_pickle import safe_load
 from .module import Architecture, Hypernetwork, HypernetworkModule, parse_dropout_structure, upgrade_state_dict
 
@@ -141,7 +142,7 @@ def from_file_dict(data: Any, default_name: str) -> Hypernetwork:
     if not isinstance(step, int) or isinstance(step, bool):
         raise AlchemyError(f"'step' is {step!r}, not an integer")
     hn = Hypernetwork(
-        name=name if isinstance(name, str) and name else default_name, arch=arch, layers=layers,
+        name=name if is_valid_name(name) else default_name, arch=arch, layers=layers,  # untrusted name
         weight_init=data.get("weight_initialization", "Normal"), use_dropout=use_dropout,
         step=step, sd_checkpoint=data.get("sd_checkpoint"),
         sd_checkpoint_name=data.get("sd_checkpoint_name"), optional_info=data.get("optional_info"))
