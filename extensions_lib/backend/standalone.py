@@ -18,6 +18,7 @@ import torch
 from ..adapter import LatentDistribution, TextEncoderInfo
 from ..errors import AlchemyError
 from . import keymap
+from .devices import checked_device
 from .checkpoint import Detected, detect, open_checkpoint, probe_is_v, short_hash
 from .configs import ModelConfig, alphas_cumprod_from_schedule, build_modules, load_config
 
@@ -280,7 +281,7 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
     file's prediction type is settled by the WebUI's probe (unless a yaml or `config_override` says).
     """
     path = Path(path)
-    device = torch.device(device)
+    device = checked_device(device)
     home = torch.device("cpu") if offload else device
     with open_checkpoint(path) as reader:
         detected = detect(reader)
@@ -314,7 +315,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     config_override: use this config instead of detecting one (its prediction type is final).
     offload: keep parts on the CPU until :meth:`StandaloneModel.use` needs them on `device`.
     """
-    device = torch.device(device)
+    device = checked_device(device)
     loaded = load_parts(path, PARTS, device, dtype, config_override, offload)
     return StandaloneModel(path=Path(path), config=loaded.config, parts=loaded.parts,
                            alphas_cumprod=loaded.alphas_cumprod, device=device, offload=offload,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import AlchemyError
+from ..folders import check_folder
 from ..options import from_cli, option
 from .method_commands import add_action, device_name, report_result, require_checkpoint, step_bar, training_options
 
@@ -103,8 +104,7 @@ def run_list(args: argparse.Namespace) -> int:
     from ..embeddings.library import EmbeddingLibrary, model_widths
 
     folder = from_cli(FolderCommand, args)
-    if not folder.embeddings_dir.is_dir():
-        raise AlchemyError("embeddings folder not found", folder.embeddings_dir, "give --embeddings-dir DIR")
+    check_folder(folder.embeddings_dir, "--embeddings-dir", must_exist=True)
     if args.ckpt is not None:
         model = load_text_encoder(args.ckpt)
         library = EmbeddingLibrary(folder.embeddings_dir, model_widths(model), model.tokenizer)
@@ -155,8 +155,7 @@ class Txt2ImgEmbeddings:
         self.loader = None
         if directory is None:
             return
-        if not Path(directory).is_dir():
-            raise AlchemyError("embeddings folder not found", directory, "give --embeddings-dir an existing folder")
+        check_folder(directory, "--embeddings-dir", must_exist=True)
         from ..embeddings.loader import EmbeddingLoader
 
         self.loader = EmbeddingLoader(adapter, directory)

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..atomic import atomic_path, write_text
+from ..folders import check_folder
 from ..names import child_path
 from ..options import to_dict
 from .provenance import Provenance
@@ -20,6 +21,7 @@ def log_dir_for(log_directory: str | Path, name: str, today: datetime.date | Non
     """``<log_directory>/<YYYY-MM-DD>/<name>/`` as the WebUI lays out its training logs; a `name` that would
     leave that folder (``../x``, ``/abs``) is refused: previews and snapshots are named after it too."""
     today = today or datetime.date.today()
+    check_folder(log_directory, "the log directory")
     return child_path(Path(log_directory) / today.strftime("%Y-%m-%d"), name, "training run name")
 
 
