@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from ..errors import AlchemyError
 from ..names import is_valid_name
 from ..safe_pickle import safe_load
@@ -110,9 +112,28 @@ def _architecture(data: Mapping) -> tuple[Architecture, bool]:
     return arch, use_dropout
 
 
+def declared_parameters(size: int, arch: Architecture) -> int:
+    """How many numbers the Linear and LayerNorm layers `arch` describes for context width `size` hold,
+    computed without building anything (a lower bound: an activation such as PReLU adds its own)."""
+    ls = arch.layer_structure
+    total = 0
+    for i in range(len(ls) - 1):
+        width_in, width_out = int(size * ls[i]), int(size * ls[i + 1])
+        total += width_in * width_out + width_out + (2 * width_out if arch.add_layer_norm else 0)
+    return total
+
+
 def _load_module(size: int, arch: Architecture, state: Any, which: str) -> HypernetworkModule:
     if not isinstance(state, Mapping):
         raise AlchemyError(f"the {which} module for width {size} is a {type(state).__name__}, not a state dict")
+    # The structure is untrusted: building modules for [1, 1e12, 1] would allocate before load_state_dict
+    # could notice. The stored weights (already read, so bounded by the file's size) must hold every number.
+    stored = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    declared = declared_parameters(size, arch)
+    if declared > stored:  # fewer is load_state_dict's to report (activations such as PReLU add a few more)
+        raise AlchemyError(f"the {which} module for width {size} does not match the file's own structure: "
+                           f"layer_structure {list(arch.layer_structure)} declares {declared} weights but the file "
+                           f"stores {stored} (refused before allocating)")
     module = HypernetworkModule(size, arch, weight_init=None)
     try:
         module.load_state_dict(upgrade_state_dict(state))
@@ -127,6 +148,8 @@ def _load_module(size: int, arch: Architecture, state: Any, which: str) -> Hyper
 def from_file_dict(data: Any, default_name: str) -> Hypernetwork:
     """Build a Hypernetwork from the loaded dict, as the host's ``Hypernetwork.load`` does (eval mode)."""
     sizes = [k for k in data if type(k) is int] if isinstance(data, Mapping) else []
+    if any(size < 1 for size in sizes):
+        raise AlchemyError(f"context widths {sizes} must be positive")
     if not sizes:
         what, fix = _not_a_hypernetwork(data)
         raise AlchemyError(f"not a hypernetwork: {what}", fix=fix)
