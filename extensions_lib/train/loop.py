@@ -26,6 +26,7 @@ import torch
 
 from ..errors import AlchemyError
 from .batches import Batch, BatchSource
+from .guards import SpikeGuard
 from .lr_schedule import Schedule, parse_schedule
 from .provenance import Provenance
 from .resume import STATE_FILE, RunCounters, find_resume_state, load_resume_state, restore, save_state
@@ -354,6 +355,7 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
             yield batch
 
     stop = threading.Event()
+    guard = SpikeGuard(stepper.params)
     resumed = [f"resumed at step {run.step}"] if options.resume else []
     report(lr=schedule.value_or_last(run.step), message="; ".join(resumed + warnings))
     plan_epoch, plan = -1, []
@@ -381,6 +383,11 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
                 continue
             run.step += 1
             run.streak = 0
+            spike = guard.problem(step_loss)
+            if spike is not None:  # nothing more is written: the last good files stay
+                raise AlchemyError(f"training stopped at step {run.step}: {spike}", log_dir,
+                                   fix="lower the learning rate (or enable gradient clipping); the files saved "
+                                       "before this step are untouched, resume from the last saved state")
             after = getattr(method, "after_step", None)
             if after is not None:
                 after(run.step)
@@ -403,7 +410,9 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
         # Still inside: a first Ctrl-C while saving must not tear the files being written.
         cancelled = run.step < stop_at
         if cancelled:
-            final_path, last_saved = None, save_file(run.step)
+            last_saved = save_file(run.step)
+            # As the WebUI does on Interrupt: the trained vectors also go to the file in its folder.
+            final_path = save_file(None) if run.step > initial_step else None
         else:
             final_path = last_saved = save_file(None)
             if options.save_every and run.step % options.save_every == 0 and run.step > initial_step:
