@@ -82,3 +82,23 @@ def test_a_tampered_resume_state_is_refused_without_advising_to_disable_the_chec
     with pytest.raises(AlchemyError) as info:
         load_resume_state(path)
     assert "weights_only" not in str(info.value)
+
+
+def test_txt2img_with_a_checkpoint_that_makes_nan_images_exits_non_zero_and_writes_nothing(tiny_checkpoint,
+                                                                                          tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tiny_checkpoint("sd1"))
+    key = next(k for k in state if k.startswith("first_stage_model.decoder.conv_out.bias"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, broken)
+    out = tmp_path / "o.png"
+    code = main(["txt2img", "--ckpt", str(broken), "--prompt", "x", "--steps", "1", "--width", "64", "--height", "64",
+                 "--out", str(out)])
+    err = _error(capsys)
+    assert code == 1 and "VAE produced NaN" in err and "no image was written" in err
+    assert not out.exists()
+    code = main(["txt2img", "--ckpt", str(tiny_checkpoint("sd1")), "--prompt", "x", "--steps", "1", "--width", "64",
+                 "--height", "64", "--out", str(out)])
+    assert code == 0 and out.is_file()  # the check passes finite images through

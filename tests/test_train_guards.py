@@ -1,6 +1,8 @@
 """The spike guard beside the NaN guard, and the log files a resumed run keeps consistent."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +56,29 @@ def test_resumed_loss_csv_keeps_one_line_ending(tmp_path):
     data = path.read_bytes()
     assert b"\r" not in data
     assert data.decode().splitlines()[1:] == ["1,0,0,0.1000000,0.01", "2,0,1,0.2000000,0.01", "3,0,2,0.3000000,0.01"]
+
+
+def test_leftover_temp_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    import os
+    import re
+    import tempfile
+    import time
+
+    first = train(LinearMethod(ToyData()), opts(tmp_path, steps=2, save_every=1))
+    snapshots = first.log_dir / "snapshots"
+    # exactly what atomic_path's mkstemp call names a temporary file, as a killed save leaves it
+    fd, name = tempfile.mkstemp(prefix=".linear-3.pt.", suffix=".tmp", dir=snapshots)
+    os.close(fd)
+    killed = Path(name)
+    assert re.fullmatch(r"\.linear-3\.pt\.[a-z0-9_]{8}\.tmp", killed.name)
+    fresh = snapshots / ".linear-6.pt.abcdefgh.tmp"   # a save still writing: recently modified, kept
+    fresh.write_bytes(b"busy")
+    foreign = [snapshots / "notes.tmp", snapshots / ".linear.pt.tmp", first.log_dir / ".x.pt.ABCDEFGH.tmp"]
+    for path in foreign:
+        path.write_bytes(b"theirs")
+    old = time.time() - 3600
+    for path in [killed, *foreign]:
+        os.utime(path, (old, old))
+    train(LinearMethod(ToyData()), opts(tmp_path, steps=3, resume=str(first.resume_path)))
+    assert not killed.exists()
+    assert fresh.exists() and all(p.exists() for p in foreign)

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     opts = replace(opts, prompt=hypernets.prompt)
     with hypernets.applied(adapter), embeddings, tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
         images = generate_from(adapter, opts, callback=lambda info: bar.update(1), encode_fn=embeddings.encode_fn,
-                               extra_params={**hypernets.infotext, **embeddings.infotext([opts.prompt, opts.negative])})
+                               extra_params={**hypernets.infotext, **embeddings.infotext([opts.prompt, opts.negative])},
+                               refuse_nan=True)
     for image, path in zip(images, paths):
         save_png(image, path)
         print(path)

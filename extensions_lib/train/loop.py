@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
+from ..atomic import remove_leftovers
 from ..errors import AlchemyError
 from .batches import Batch, BatchSource
 from .guards import SpikeGuard
@@ -313,6 +314,8 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
         state_path = log_dir / STATE_FILE
         rngs.seed_globals(options.seed)
     log_dir.mkdir(parents=True, exist_ok=True)
+    for folder, below in ((log_dir, True), (method.output_path(log_dir, None).parent, False)):
+        remove_leftovers(folder, recursive=below)  # temporary files of saves killed in an earlier run
     initial_step = run.step
     csv_path = log_dir / getattr(method, "loss_csv_name", "loss.csv")
     if options.resume:
