@@ -187,7 +187,7 @@ def read_hypernetwork(path: str | os.PathLike) -> Hypernetwork:
         hn = from_file_dict(data, default_name=path.stem)
     except AlchemyError as exc:
         raise AlchemyError(exc.what, path, exc.fix or fix) from None
-    except (TypeError, ValueError, KeyError, IndexError) as exc:  # malformed beyond the checks above
+    except Exception as exc:  # noqa: BLE001 — malformed beyond the checks above (odd types, tensors as flags...)
         raise AlchemyError(f"malformed hypernetwork ({type(exc).__name__}: {exc})", path, fix) from None
     hn.filename = str(path)
     return hn
