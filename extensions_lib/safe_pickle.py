@@ -289,7 +289,7 @@ def _normalise_extra(extra_allowed: Iterable[tuple[str, str] | str]) -> frozense
     return frozenset(pairs)
 
 
-def _real_data_bytes(source: PathOrFile) -> int:
+def real_data_bytes(source: PathOrFile) -> int:
     """The bytes the file can honestly hold once unpacked; SizeRefused for a zip whose entries would
     inflate far beyond what they store (a decompression bomb) or claim more than the file holds."""
     if isinstance(source, (str, os.PathLike)):
@@ -339,7 +339,7 @@ def safe_load(source: PathOrFile, *, extra_allowed: Iterable[tuple[str, str] | s
         raise AlchemyError("file not found" if not os.path.exists(source) else "not a regular file", name,
                            "check the path")
     try:
-        data_bytes = _real_data_bytes(source)
+        data_bytes = real_data_bytes(source)
     except SizeRefused as exc:
         raise AlchemyError(f"refused to load: {exc}", name, "the file is not a genuine PyTorch file; delete it") from None
     if _weights_only_forced():

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PICKLE_ONLY = {"safe_load", "load_resume_state"}  # readers of any .pt, not of one kind of file
 MAX_EXTRA_PEAK_MB = 150  # the bombs cost 200 MB to several GB when read naively
-RAW_READERS = {"read_embedding"}  # reads one file; the listings decide whether it is usable (NaN vectors)
+RAW_READERS = {"read_embedding", "safe_load"}  # read one file; listings decide if it is usable (NaN vectors)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_every_hostile_file_is_refused_or_skipped_with_its_reason(probe):
 
 
 def test_odd_but_valid_files_load_with_the_hostile_part_defused(probe):
-    loads = [r for r in probe["results"] if r["expect"] == "load"]
+    loads = [r for r in probe["results"] if r["expect"] == "load" and r["entry"] not in PICKLE_ONLY]
     assert loads and all(r["outcome"] == "loaded" for r in loads), loads
     assert all("escape_name" in r["reason"] for r in loads if r["file"] == "escape_name.png")
 

@@ -12,6 +12,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import AlchemyError
+from ..safe_pickle import real_data_bytes
 from ..options import from_dict, to_dict
 
 STATE_FILE = "resume-state.pt"
@@ -51,6 +52,7 @@ def load_resume_state(path: str | Path) -> dict:
     """Read a resume state with torch's restricted (weights-only) unpickler."""
     path = find_resume_state(path)
     try:
+        real_data_bytes(path)  # torch's weights-only loader would inflate a zip bomb before refusing anything
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AlchemyError(f"resume state cannot be read: {_why_refused(exc)}", path,

@@ -7,7 +7,9 @@ measured alone): the child resets its peak RSS (``/proc/self/clear_refs``), runs
 the outcome and its extra peak RSS (VmHWM minus VmRSS before). Outcomes: ``refused`` (an AlchemyError or
 the reader's own skip, with its reason), ``skipped`` (listed with its reason), ``not read`` (not a regular
 file, never opened), ``loaded`` (read; for odd but valid files), ``traceback`` (any other exception),
-``hang`` (killed after the time limit). A code-execution payload would touch the sentinel file.
+``hang`` (killed after the time limit). A code-execution payload would touch the sentinel file. ``safe_load``
+(checkpoints, ``.optim`` side files) and ``load_resume_state`` read every ``.pt`` too: a valid pickle that is
+no embedding still loads there, so they count as raw readers.
 """
 from __future__ import annotations
 
@@ -37,8 +39,10 @@ from extensions_lib.hypernetworks.file import read_hypernetwork  # noqa: E402
 from extensions_lib.hypernetworks.library import HypernetworkLibrary  # noqa: E402
 from extensions_lib.preprocess.options import PreprocessOptions  # noqa: E402
 from extensions_lib.preprocess.run import preprocess_directory  # noqa: E402
+from extensions_lib.safe_pickle import safe_load  # noqa: E402
 from extensions_lib.tagger.image_io import ImageSkipped, decode_image, list_images  # noqa: E402
 from extensions_lib.train.dataset import scan_folder  # noqa: E402
+from extensions_lib.train.resume import load_resume_state  # noqa: E402
 from hostile import corpus  # noqa: E402
 
 TIME_LIMIT_S = 60
@@ -138,11 +142,21 @@ def _tagger(path: Path) -> tuple[str, str]:
     return "loaded", "decoded"
 
 
+def _pickles_only(read: Callable) -> Callable[[Path], tuple[str, str]]:
+    def run(path: Path) -> tuple[str, str]:
+        if path.suffix != ".pt":
+            return "not read", "not a .pt file"
+        return read(path)
+    return run
+
+
+PICKLE_READERS = [("safe_load", _pickles_only(_reader(safe_load))),
+                  ("load_resume_state", _pickles_only(_reader(load_resume_state)))]
 ENTRY_POINTS: dict[str, list[tuple[str, Callable]]] = {
     "embedding": [("read_embedding", _reader(read_embedding)), ("EmbeddingLibrary", _library(EmbeddingLibrary)),
-                  ("alchemy embedding list", _cli_list)],
+                  ("alchemy embedding list", _cli_list), *PICKLE_READERS],
     "hypernetwork": [("read_hypernetwork", _reader(read_hypernetwork)),
-                     ("HypernetworkLibrary", _library(HypernetworkLibrary))],
+                     ("HypernetworkLibrary", _library(HypernetworkLibrary)), *PICKLE_READERS],
     "image": [("train dataset", _dataset), ("preprocess", _preprocess), ("tagger", _tagger)],
 }
 
@@ -212,8 +226,9 @@ def probe(workdir: Path) -> tuple[list[Result], bool]:
 def summary(results: list[Result], code_ran: bool) -> list[str]:
     files = {(r.kind, r.file) for r in results}
     by_file: dict[tuple[str, str], set[str]] = {}
-    for r in results:
-        by_file.setdefault((r.kind, r.file), set()).add(r.outcome)
+    for r in results:  # what the readers and listings of the file's own kind did with it
+        if r.entry not in dict(PICKLE_READERS):
+            by_file.setdefault((r.kind, r.file), set()).add(r.outcome)
     refused = sum(1 for outcomes in by_file.values() if "refused" in outcomes)
     skipped = sum(1 for outcomes in by_file.values() if "refused" not in outcomes and outcomes & {"skipped", "not read"})
     worst = max(results, key=lambda r: r.extra_peak_mb)
