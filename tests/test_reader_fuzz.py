@@ -5,10 +5,8 @@ generates."""
 from __future__ import annotations
 
 import io
-import json
 import random
 
-import numpy as np
 import pytest
 import torch
 
