@@ -102,3 +102,18 @@ def test_txt2img_with_a_checkpoint_that_makes_nan_images_exits_non_zero_and_writ
     code = main(["txt2img", "--ckpt", str(tiny_checkpoint("sd1")), "--prompt", "x", "--steps", "1", "--width", "64",
                  "--height", "64", "--out", str(out)])
     assert code == 0 and out.is_file()  # the check passes finite images through
+
+
+def test_listings_of_a_folder_setting_that_names_a_file_stay_empty_and_lookups_say_why(tmp_path):
+    """Listings never fail (the WebUI calls them while generating); asking for a name explains the setting."""
+    from extensions_lib.embeddings.library import EmbeddingLibrary
+    from extensions_lib.hypernetworks.library import HypernetworkLibrary
+
+    a_file = tmp_path / "folder.txt"
+    a_file.write_text("x")
+    embeddings, hypernetworks = EmbeddingLibrary(a_file), HypernetworkLibrary(a_file)
+    assert embeddings.entries() == [] and hypernetworks.entries() == []
+    with pytest.raises(AlchemyError, match="the embeddings folder is not a folder"):
+        embeddings.entry("x")
+    with pytest.raises(AlchemyError, match="the hypernetworks folder is not a folder"):
+        hypernetworks.path("x")

@@ -169,7 +169,7 @@ class EmbeddingLibrary:
     """
 
     def __init__(self, directory: str | os.PathLike, widths: dict[str, int] | None = None, tokenizer=None):
-        self.directory = check_folder(directory, "the embeddings folder")
+        self.directory = Path(directory)  # a file here lists nothing (listings never fail); entry() says why
         self.widths = dict(widths) if widths is not None else None
         self.tokenizer = tokenizer
         self._files: dict[Path, tuple[Stamp, Embedding | None, str | None]] = {}
@@ -247,6 +247,7 @@ class EmbeddingLibrary:
         if skipped:
             raise AlchemyError(f"embedding {name!r} cannot be used: {skipped[-1].error}", skipped[-1].path,
                                "replace the file with one made for this model")
+        check_folder(self.directory, "the embeddings folder")
         known = ", ".join(self.names()[:20]) or "none"
         raise AlchemyError(f"no embedding named {name!r}", self.directory,
                            f"put {name}.pt in this folder or create it first (known: {known})")

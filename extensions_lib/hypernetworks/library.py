@@ -79,7 +79,7 @@ class HypernetworkLibrary:
     """The hypernetworks of one folder. Call :meth:`refresh` to pick up added, changed or removed files."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = check_folder(directory, "the hypernetworks folder")
+        self.directory = Path(directory)  # a file here lists nothing; asking it for a name says why
         self._entries: dict[Path, Entry] = {}
         self._by_name: dict[str, Entry] = {}
         self._skipped: list[Entry] = []
@@ -127,6 +127,7 @@ class HypernetworkLibrary:
     def path(self, name: str) -> Path:
         entry = self._by_name.get(name)
         if entry is None:
+            check_folder(self.directory, "the hypernetworks folder")
             raise AlchemyError(f"no hypernetwork named {name!r}", self.directory, self._unknown_fix(name))
         return entry.path
 
