@@ -140,7 +140,7 @@ def _guarded_constructors(budget: _Budget) -> dict[tuple[str, str], Any]:
     def reconstruct(subtype: Any, shape: Any, dtype: Any, *rest: Any) -> Any:
         budget.check(array_bytes(shape, dtype), "numpy array")
         subtype = np.ndarray if subtype is ndarray else subtype  # the pickle names the guarded ndarray
-        return np.core.multiarray._reconstruct(subtype, shape, dtype, *rest)
+        return _resolve("numpy._core.multiarray", "_reconstruct")(subtype, shape, dtype, *rest)
 
     def ndarray(shape: Any, dtype: Any = float, *rest: Any, **kwargs: Any) -> Any:
         budget.check(array_bytes(shape, dtype), "numpy array")
