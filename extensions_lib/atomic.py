@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -28,6 +30,33 @@ def _read_umask() -> int:
 
 # Read once: os.umask can only be read by setting it, which would race with other threads' file creation.
 _UMASK = _read_umask()
+
+
+# The names atomic_path's mkstemp call makes: ".<target name>." + 8 characters of its alphabet + ".tmp".
+_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_AFTER_S = 600.0
+"""A temporary file untouched this long belongs to a save that was killed (a live one keeps writing)."""
+
+
+def remove_leftovers(folder: str | os.PathLike, *, recursive: bool = False,
+                     stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete the temporary files a killed save left in `folder` (only names :func:`atomic_path` makes,
+    only regular files not modified for `stale_after_s`); returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now, removed = time.time(), []
+    walker = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
+    for root, _dirs, files in walker:
+        for name in files:
+            path = Path(root, name)
+            if not _LEFTOVER.match(name) or path.is_symlink() or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime >= stale_after_s:
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

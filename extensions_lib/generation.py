@@ -49,17 +49,18 @@ def _hypernetworks_applied(adapter, chosen, warn: Callable[[str], None]):
 
 def generate_with_networks(adapter, opts: GenerationOptions, *, hypernetworks: Sequence[tuple[object, float]] = (),
                            embeddings=None, callback: Callable[[dict], None] | None = None,
-                           warn: Callable[[str], None] = lambda line: None) -> list:
+                           warn: Callable[[str], None] = lambda line: None, refuse_nan: bool = False) -> list:
     """Generate `opts` (its prompt without hypernetwork tags: :func:`choose_hypernetworks`) with the
     (Hypernetwork, multiplier) pairs chained into the attention and an
     :class:`~extensions_lib.embeddings.loader.EmbeddingLoader` (or None) on the text encoder; PIL images
-    whose infotext carries the ``Hypernet`` and ``TI hashes`` entries as the WebUI writes them."""
+    whose infotext carries the ``Hypernet`` and ``TI hashes`` entries as the WebUI writes them. `refuse_nan`:
+    :func:`~extensions_lib.sampling.txt2img.generate_from`'s."""
     extra = hypernetwork_infotext(hypernetworks)
     with _hypernetworks_applied(adapter, hypernetworks, warn), embeddings or contextlib.nullcontext():
         if embeddings is not None:
             extra.update(embeddings.infotext_params([opts.prompt, opts.negative]))
         return generate_from(adapter, opts, callback=callback, extra_params=extra,
-                             encode_fn=embeddings.encode if embeddings is not None else None)
+                             encode_fn=embeddings.encode if embeddings is not None else None, refuse_nan=refuse_nan)
 
 
 def without_tags(opts: GenerationOptions, extra: Sequence[tuple[str, float]] = ()):

@@ -9,14 +9,22 @@ called. A few classes that training checkpoints carry but nobody needs (PyTorch 
 
 `torch.load` does the zip / legacy-format / storage plumbing, so this works the same on the host's
 torch 2.1 and on current torch; `map_location="cpu"` lets tensors saved on `cuda:0` load without CUDA.
+
+Sizes inside the file are untrusted too: a small file must not make us allocate much more than it holds.
+Before `torch.load` runs, a zip's entries must not inflate far beyond their compressed size; while it runs,
+every storage's declared size and every size an allowed constructor is asked for (``bytearray(n)``,
+``set(range(n))``, numpy arrays, ``UntypedStorage(n)``) is checked against the file's real data
+(:data:`SLACK_BYTES` on top) before anything is allocated.
 """
 from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import pickle
 import types
+import zipfile
 from typing import IO, Any, Iterable, Union
 
 from .errors import AlchemyError
@@ -55,6 +63,112 @@ PLACEHOLDER_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
     ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"),
 })
+
+
+SLACK_BYTES = 1 << 20
+"""What any file may allocate beyond the bytes it really holds (small containers, numpy scalars)."""
+MAX_ZIP_INFLATION = 16
+"""A compressed zip entry may inflate to at most this many times its stored size (plus SLACK_BYTES)."""
+
+
+class SizeRefused(pickle.UnpicklingError):
+    """The file declared a size its real data cannot back; nothing was allocated."""
+
+
+class _Budget:
+    """The bytes a file's contents can honestly account for; declared sizes are checked against it."""
+
+    def __init__(self, data_bytes: int):
+        self.limit = data_bytes + SLACK_BYTES
+        self.storage_keys: set = set()
+        self.storage_bytes = 0
+
+    def check(self, nbytes: Any, what: str) -> None:
+        if not isinstance(nbytes, int) or nbytes > self.limit:
+            raise SizeRefused(f"{what} declares {nbytes} bytes, more than the file's {self.limit - SLACK_BYTES} "
+                              "bytes of data can hold")
+
+    def storage(self, key: Any, nbytes: int) -> None:
+        if key in self.storage_keys:
+            return
+        self.check(nbytes, f"storage {key!r}")
+        self.storage_keys.add(key)
+        self.storage_bytes += nbytes
+        self.check(self.storage_bytes, "all storages together")
+
+
+def _element_size(storage_type: Any) -> int:
+    import torch
+
+    dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", torch.uint8)
+    try:
+        return int(torch.empty((), dtype=dtype).element_size())
+    except (TypeError, RuntimeError):
+        return 8
+
+
+def _guarded_constructors(budget: _Budget) -> dict[tuple[str, str], Any]:
+    """Allowed callables that can be asked for a size, wrapped to check it against `budget` first."""
+    import numpy as np
+    import torch
+
+    def sized(value: Any, itemsize: int = 1) -> int:
+        if isinstance(value, bool):
+            return 0
+        if isinstance(value, int):
+            return value * itemsize
+        if isinstance(value, range):
+            return len(value) * max(itemsize, 8)
+        return 0
+
+    def make_bytearray(*args: Any) -> bytearray:
+        budget.check(sized(args[0]) if args else 0, "bytearray")
+        return bytearray(*args)
+
+    def container(kind: type) -> Any:
+        def make(*args: Any) -> Any:
+            budget.check(sized(args[0], 8) if args else 0, kind.__name__)
+            return kind(*args)
+        return make
+
+    def array_bytes(shape: Any, dtype: Any) -> int:
+        dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            return 0  # numpy itself refuses these
+        return math.prod(dims) * np.dtype(dtype).itemsize
+
+    def reconstruct(subtype: Any, shape: Any, dtype: Any, *rest: Any) -> Any:
+        budget.check(array_bytes(shape, dtype), "numpy array")
+        subtype = np.ndarray if subtype is ndarray else subtype  # the pickle names the guarded ndarray
+        return _resolve("numpy._core.multiarray", "_reconstruct")(subtype, shape, dtype, *rest)
+
+    def ndarray(shape: Any, dtype: Any = float, *rest: Any, **kwargs: Any) -> Any:
+        budget.check(array_bytes(shape, dtype), "numpy array")
+        return np.ndarray(shape, dtype, *rest, **kwargs)
+
+    def make_dtype(spec: Any, *args: Any) -> Any:
+        dtype = np.dtype(spec, *args)
+        budget.check(dtype.itemsize, "numpy dtype")
+        return dtype
+
+    class UntypedStorageType:
+        """Stands for ``torch.UntypedStorage``: what torch's loader reads (its dtype) plus a checked call."""
+
+        dtype = torch.uint8
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            budget.check(sized(args[0]) if args else 0, "UntypedStorage")
+            return torch.UntypedStorage(*args, **kwargs)
+
+    guards: dict[tuple[str, str], Any] = {("torch", "UntypedStorage"): UntypedStorageType(),
+                                          ("numpy", "ndarray"): ndarray, ("numpy", "dtype"): make_dtype}
+    for module in ("builtins", "__builtin__"):
+        guards[(module, "bytearray")] = make_bytearray
+        guards[(module, "set")] = container(set)
+        guards[(module, "frozenset")] = container(frozenset)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        guards[(module, "_reconstruct")] = reconstruct
+    return guards
 
 
 class InertPlaceholder:
@@ -100,13 +214,38 @@ def _resolve(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _make_pickle_module(extra_allowed: frozenset[tuple[str, str]]) -> types.ModuleType:
-    """A module object that `torch.load(pickle_module=...)` can use: Unpickler, load, loads."""
+def _make_pickle_module(extra_allowed: frozenset[tuple[str, str]], budget: _Budget | None = None) -> types.ModuleType:
+    """A module object that `torch.load(pickle_module=...)` can use: Unpickler, load, loads.
+
+    budget: the file's real data size, which declared storage and constructor sizes are checked against.
+    """
     placeholders: dict[tuple[str, str], type] = {}
+    budget = budget or _Budget(1 << 62)
+    guards = _guarded_constructors(budget)
+    set_persistent_load = pickle.Unpickler.__dict__["persistent_load"].__set__
 
     class RestrictedUnpickler(pickle.Unpickler):
+        # torch assigns its storage loader here after construction; we check each storage's declared
+        # size (the last field of torch's ('storage', type, key, location, numel[, view]) ids) before it runs.
+        @property
+        def persistent_load(self) -> Any:
+            raise AttributeError("persistent_load")
+
+        @persistent_load.setter
+        def persistent_load(self, load_storage: Any) -> None:
+            def checked(saved_id: Any) -> Any:
+                if isinstance(saved_id, tuple) and len(saved_id) >= 5 and saved_id[0] in ("storage", b"storage"):
+                    numel = saved_id[4]
+                    budget.check(numel, f"storage {saved_id[2]!r}")
+                    budget.storage(saved_id[2], numel * _element_size(saved_id[1]))
+                return load_storage(saved_id)
+
+            set_persistent_load(self, checked)
+
         def find_class(self, module: str, name: str) -> Any:
             key = (module, name)
+            if key in guards and key not in extra_allowed:
+                return guards[key]
             if key in ALLOWED_GLOBALS or key in extra_allowed:
                 try:
                     return _resolve(module, name)
@@ -150,6 +289,39 @@ def _normalise_extra(extra_allowed: Iterable[tuple[str, str] | str]) -> frozense
     return frozenset(pairs)
 
 
+def real_data_bytes(source: PathOrFile) -> int:
+    """The bytes the file can honestly hold once unpacked; SizeRefused for a zip whose entries would
+    inflate far beyond what they store (a decompression bomb) or claim more than the file holds."""
+    if isinstance(source, (str, os.PathLike)):
+        size = os.path.getsize(source)
+        opener: Any = lambda: open(source, "rb")  # noqa: E731
+    else:
+        position = source.tell()
+        size = source.seek(0, io.SEEK_END) - position
+        source.seek(position)
+        opener = None
+    fh = opener() if opener else source
+    try:
+        if not zipfile.is_zipfile(fh):
+            return size
+        with zipfile.ZipFile(fh) as archive:
+            total = 0
+            for info in archive.infolist():
+                stored = info.compress_size if info.compress_type != zipfile.ZIP_STORED else info.file_size
+                if stored > size or info.file_size > stored * MAX_ZIP_INFLATION + SLACK_BYTES:
+                    raise SizeRefused(f"zip entry {info.filename!r} unpacks to {info.file_size} bytes from "
+                                      f"{info.compress_size} stored in a {size}-byte file")
+                total += info.file_size
+            return max(size, total)
+    except zipfile.BadZipFile:
+        return size
+    finally:
+        if opener:
+            fh.close()
+        else:
+            source.seek(position)
+
+
 def _weights_only_forced() -> bool:
     return os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
 
@@ -164,14 +336,23 @@ def safe_load(source: PathOrFile, *, extra_allowed: Iterable[tuple[str, str] | s
 
     name = _display_name(source)
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
-        raise AlchemyError("file not found", name, "check the path")
+        raise AlchemyError("file not found" if not os.path.exists(source) else "not a regular file", name,
+                           "check the path")
+    try:
+        data_bytes = real_data_bytes(source)
+    except SizeRefused as exc:
+        raise AlchemyError(f"refused to load: {exc}", name, "the file is not a genuine PyTorch file; delete it") from None
     if _weights_only_forced():
         # torch then refuses any pickle_module; its own weights-only unpickler is restrictive enough
         how: dict[str, Any] = {"weights_only": True}
     else:
-        how = {"pickle_module": _make_pickle_module(_normalise_extra(extra_allowed)), "weights_only": False}
+        how = {"pickle_module": _make_pickle_module(_normalise_extra(extra_allowed), _Budget(data_bytes)),
+               "weights_only": False}
     try:
         return torch.load(source, map_location="cpu", **how)
+    except SizeRefused as exc:
+        raise AlchemyError(f"refused to load: {exc}", name,
+                           "the file is damaged or crafted; download or save it again") from None
     except ForbiddenGlobal as exc:
         raise AlchemyError(
             f"refused to load: the file asks to run '{exc.module}.{exc.name}', which a model or embedding "

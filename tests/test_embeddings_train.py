@@ -221,10 +221,13 @@ def test_interrupted_run_saves_and_resume_continues_exactly(tiny_model, tmp_path
     stopped_opts = options(tmp_path / "stopped", save_optimizer_state=True, **extra)
     first = train_embedding(adapter, stopped_opts, callbacks=lambda p: stop.set() if p.step == 3 else None,
                             cancel=stop)
-    assert first.cancelled and first.step == 3 and first.final_path is None
+    assert first.cancelled and first.step == 3
     snapshot = first.log_dir / "embeddings" / f"{NAME}-3.pt"
     assert snapshot.is_file() and (first.log_dir / "embeddings" / f"{NAME}-3.pt.optim").is_file()
-    assert read_embedding(tmp_path / "stopped" / "emb" / f"{NAME}.pt").step == 0  # the final file is untouched
+    # as the WebUI does on Interrupt, the trained vectors also go to the embeddings folder's file
+    assert first.final_path == tmp_path / "stopped" / "emb" / f"{NAME}.pt"
+    in_folder = read_embedding(first.final_path)
+    assert in_folder.step == 3 and torch.equal(in_folder.vectors, read_embedding(snapshot).vectors)
 
     resumed_opts = resume_options(first.log_dir, EmbeddingTrainOptions)
     assert resumed_opts.seed == stopped_opts.seed

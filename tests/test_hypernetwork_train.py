@@ -249,10 +249,13 @@ def test_interrupt_and_resume_is_exact(tmp_path, tiny_model):
     cancel = threading.Event()
     stopped = train_hypernetwork(model, options(tmp_path / "b", **kw), cancel=cancel, say=lambda _: None,
                                  callbacks=lambda p: cancel.set() if p.step == 4 else None)
-    assert stopped.cancelled and stopped.step == 4 and stopped.final_path is None
+    assert stopped.cancelled and stopped.step == 4
     snapshot = stopped.log_dir / "hypernetworks" / "hn-4.pt"
     assert read_hypernetwork(snapshot).step == 4
-    assert read_hypernetwork(tmp_path / "b" / "hypernetworks" / "hn.pt").step == 0  # the source is untouched
+    # as the WebUI does on Interrupt, the trained weights also go to the hypernetworks folder's file
+    assert stopped.final_path == tmp_path / "b" / "hypernetworks" / "hn.pt"
+    assert read_hypernetwork(stopped.final_path).step == 4
+    assert all(torch.equal(a, b) for a, b in zip(_trained_params(snapshot), _trained_params(stopped.final_path)))
     torch.manual_seed(1234)  # as if in a new process
 
     again = resume_options(stopped.log_dir, HypernetworkTrainOptions)

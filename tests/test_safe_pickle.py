@@ -273,3 +273,33 @@ def test_genuine_webui_files_load(webui_files):
     assert emb["string_to_param"]["*"].shape == (2, 768)
     hn = safe_load(webui_files / "ref-hn-121-relu.pt")
     assert 320 in hn
+
+
+def _call_pickle(module: str, name: str, args: bytes) -> bytes:
+    """Protocol 2: GLOBAL module.name, the pickled args tuple (opcodes), REDUCE, STOP."""
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + args + b"R."
+
+
+_HUGE = b"\x8a\x05\x00\xe8vH\x17\x85"  # LONG1 10**11, TUPLE1
+
+
+@pytest.mark.parametrize("module, name, args", [
+    ("builtins", "bytearray", _HUGE),
+    ("__builtin__", "set", b"cbuiltins\nrange\n" + _HUGE + b"R\x85"),
+    ("builtins", "frozenset", b"cbuiltins\nrange\n" + _HUGE + b"R\x85"),
+    ("torch", "UntypedStorage", _HUGE),
+    ("numpy", "ndarray", b"\x8a\x05\x00\xe8vH\x17\x85\x85"),  # ndarray((10**11,))
+    ("numpy.core.multiarray", "_reconstruct", b"cnumpy\nndarray\n\x8a\x05\x00\xe8vH\x17\x85U\x01b\x87"),
+])
+def test_allowed_constructors_are_refused_sizes_the_file_cannot_back(tmp_path, module, name, args):
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(_call_pickle(module, name, args))
+    with pytest.raises(AlchemyError, match="declares .* more than the file's"):
+        safe_load(path)
+
+
+def test_allowed_constructors_still_build_what_the_file_can_back(tmp_path):
+    path = tmp_path / "small.pt"
+    path.write_bytes(_call_pickle("builtins", "bytearray", b"K\x10\x85"))  # bytearray(16), then torch's magic check
+    with pytest.raises(AlchemyError, match="not a readable PyTorch file"):  # refused later, for being no torch file
+        safe_load(path)

@@ -181,10 +181,12 @@ def test_cancel_token_saves_and_stops(tmp_path):
     cancel = threading.Event()
     result = train(method, opts(tmp_path, steps=50), callbacks=lambda p: cancel.set() if p.step == 6 else None,
                    cancel=cancel)
-    assert result.cancelled and not result.interrupted and result.step == 6 and result.final_path is None
-    assert method.saved[-1][0].name == "linear-6.pt" and method.saved[-1][0].is_file()
-    saved = torch.load(method.saved[-1][0], weights_only=True)
-    assert torch.equal(saved["w"], method.w.detach()) and saved["step"] == 6
+    assert result.cancelled and not result.interrupted and result.step == 6
+    # the snapshot in the log folder, then (as the WebUI does on Interrupt) the file in its own folder
+    assert [s[0].name for s in method.saved[-2:]] == ["linear-6.pt", "linear.pt"] and result.final_path.is_file()
+    for path, _, _ in method.saved[-2:]:
+        saved = torch.load(path, weights_only=True)
+        assert torch.equal(saved["w"], method.w.detach()) and saved["step"] == 6
     assert load_resume_state(result.log_dir)["step"] == 6
 
 

@@ -201,9 +201,84 @@ def test_ui_command_serves_on_loopback_unless_asked(monkeypatch, tmp_path):
     monkeypatch.setattr(app, "launch", lambda runner, context, **kw: calls.append((context, kw)))
     common = ["ui", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
     assert cli.main(common + ["--port", "7999"]) == 0
-    assert cli.main(common + ["--listen"]) == 0
-    assert [(kw["host"], kw["port"]) for _, kw in calls] == [("127.0.0.1", 7999), ("0.0.0.0", 7861)]
+    assert cli.main(common + ["--listen", "--auth", "ann:pw1,bob:pw2"]) == 0
+    assert [(kw["host"], kw["port"], kw["auth"]) for _, kw in calls] == [
+        ("127.0.0.1", 7999, []), ("0.0.0.0", 7861, [("ann", "pw1"), ("bob", "pw2")])]
     context = calls[0][0]
     assert context.embeddings_dir == tmp_path / "data" / "embeddings"
     assert context.defaults[GenerationOptions].width == 128  # the demo model's small defaults
     assert cli.main(["ui", "--ckpt", str(tmp_path / "missing.ckpt")]) == 1
+
+
+def test_listening_needs_a_login_or_an_explicit_insecure_flag(monkeypatch, tmp_path, capsys):
+    from extensions_lib import cli
+    from extensions_lib.ui import app
+
+    calls = []
+    monkeypatch.setattr(app, "launch", lambda runner, context, **kw: calls.append(kw))
+    common = ["ui", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(common + ["--listen"]) == 1 and not calls
+    assert "--listen without --auth" in capsys.readouterr().err
+    assert cli.main(common + ["--listen", "--auth", "nocolon"]) == 1 and not calls
+    assert cli.main(common + ["--listen", "--insecure-listen"]) == 0
+    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["auth"] == []
+    assert "WARNING: --insecure-listen: NO LOGIN" in capsys.readouterr().err
+
+
+def _http(url, cookie=None):
+    request = urllib.request.Request(url, headers={"Cookie": cookie} if cookie else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_app_serves_only_the_folders_it_writes(tmp_path, monkeypatch):
+    """gradio 3.41 serves any non-hidden file below the working directory; ours only its own folders."""
+    from extensions_lib.ui.app import launch
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    (work / "notes.txt").write_text("secret")
+    (work / "models" / "model.ckpt").write_bytes(b"weights")
+    data = work / "outputs" / "alchemy"
+    (data / "2024-01-01" / "run" / "images").mkdir(parents=True)
+    preview = data / "2024-01-01" / "run" / "images" / "run-5.png"
+    preview.write_bytes(b"preview")
+    (data / "models").mkdir()
+    (data / "models" / "inside.ckpt").write_bytes(b"weights")
+    monkeypatch.chdir(work)
+    context = UIContext(embeddings_dir=data / "embeddings", hypernetworks_dir=data / "hypernetworks", log_root=data,
+                        tagger_models_dir=data / "models")
+    demo, url = launch(ThreadJobRunner(), context, port=free_port(), block=False)
+    try:
+        assert _http(f"{url}file={preview}") == (200, b"preview")
+        assert _http(f"{url}file=outputs/alchemy/2024-01-01/run/images/run-5.png") == (200, b"preview")
+        for path in (work / "notes.txt", work / "models" / "model.ckpt", "notes.txt", data / "models" / "inside.ckpt",
+                     data / ".." / ".." / "notes.txt", "/etc/hostname"):
+            status, body = _http(f"{url}file={path}")
+            assert status == 403 and body != b"secret" and body != b"weights", path
+    finally:
+        demo.close()
+
+
+def test_with_auth_every_route_needs_the_login(tmp_path):
+    from extensions_lib.ui.app import launch
+
+    (tmp_path / "x.png").write_bytes(b"image")
+    demo, url = launch(ThreadJobRunner(), context_for(tmp_path), port=free_port(), block=False,
+                       auth=[("ann", "pw1")])
+    try:
+        for path in (f"file={tmp_path / 'x.png'}", "alchemy/progress", "alchemy/progress/preview", "config"):
+            assert _http(url + path)[0] == 401, path
+        wrong = urllib.request.Request(url + "login", data=b"username=ann&password=nope", method="POST")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(wrong, timeout=10)
+        login = urllib.request.Request(url + "login", data=b"username=ann&password=pw1", method="POST")
+        with urllib.request.urlopen(login, timeout=10) as r:
+            cookie = "; ".join(c.split(";")[0] for c in r.headers.get_all("set-cookie"))
+        assert _http(f"{url}file={tmp_path / 'x.png'}", cookie) == (200, b"image")
+        assert _http(url + "alchemy/progress", cookie)[0] == 200
+    finally:
+        demo.close()

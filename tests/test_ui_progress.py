@@ -156,7 +156,9 @@ def test_interrupting_a_training_job_saves_and_stops_at_a_step_boundary(tmp_path
     final = runner.wait(job_id, timeout=30)
     result = final.result
     assert final.state == "cancelled" and result.cancelled and 5 <= result.step < 100000
-    assert method.saved[-1][0].name == f"linear-{result.step}.pt" and method.saved[-1][0].is_file()
+    # the snapshot in the log folder, then (as the WebUI does on Interrupt) the file itself
+    assert [s[0].name for s in method.saved[-2:]] == [f"linear-{result.step}.pt", "linear.pt"]
+    assert all(s[0].is_file() for s in method.saved[-2:])
     assert final.loss_points == [(s, v) for s, v in result.losses]
 
 

@@ -137,6 +137,9 @@ def test_training_endpoints(webui, tmp_path):
     assert r.status_code == 404
     r = client.post(f"{V1}/train/hypernetwork", json={"options": {"data_root": str(data)}})
     assert r.status_code == 400 and "hypernetwork_name" in r.json()["error"]
+    for bad in ("../../hnet", "/abs/hnet", ".."):  # request names never become paths unchecked
+        r = client.post(f"{V1}/train/hypernetwork", json=_train_body(data, hypernetwork_name=bad))
+        assert r.status_code == 400 and "hypernetwork_name" in r.json()["error"], bad
     assert client.post(f"{V1}/jobs/stop").status_code == 409  # nothing to stop
 
     r = client.post(f"{V1}/train/hypernetwork", json=_train_body(data))

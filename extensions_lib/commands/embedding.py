@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import AlchemyError
+from ..folders import check_folder
 from ..options import from_cli, option
 from .method_commands import add_action, report_result, require_checkpoint, step_bar, training_plan
 
@@ -103,8 +104,7 @@ def run_list(args: argparse.Namespace) -> int:
     from ..embeddings.library import EmbeddingLibrary, model_widths
 
     folder = from_cli(FolderCommand, args)
-    if not folder.embeddings_dir.is_dir():
-        raise AlchemyError("embeddings folder not found", folder.embeddings_dir, "give --embeddings-dir DIR")
+    check_folder(folder.embeddings_dir, "--embeddings-dir", must_exist=True)
     if args.ckpt is not None:
         model = load_text_encoder(args.ckpt)
         library = EmbeddingLibrary(folder.embeddings_dir, model_widths(model), model.tokenizer)
@@ -151,8 +151,7 @@ def txt2img_embeddings(adapter, directory: Path | None):
     run uses (None without a folder); files it skips are reported."""
     if directory is None:
         return None
-    if not Path(directory).is_dir():
-        raise AlchemyError("embeddings folder not found", directory, "give --embeddings-dir an existing folder")
+    check_folder(directory, "--embeddings-dir", must_exist=True)
     from ..embeddings.loader import EmbeddingLoader
 
     loader = EmbeddingLoader(adapter, directory)

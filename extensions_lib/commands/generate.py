@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     opts = replace(opts, prompt=hypernets.prompt)
     with tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
         images = generate_with_networks(adapter, opts, hypernetworks=hypernets.chosen, embeddings=embeddings,
-                                        callback=lambda info: bar.update(1),
+                                        callback=lambda info: bar.update(1), refuse_nan=True,
                                         warn=lambda line: print(f"alchemy: warning: {line}", file=sys.stderr))
     for image, path in zip(images, paths):
         save_png(image, path)

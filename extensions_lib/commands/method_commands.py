@@ -76,11 +76,11 @@ def step_bar(steps: int, desc: str) -> Iterator[Callable]:
 
 
 def report_result(result, command: str, ckpt: Path) -> int:
-    """Print the trained file, or the `command` (``embedding train``) that continues a stopped run; the exit
+    """Print the trained file and, for a stopped run, the `command` (``embedding train``) that continues it; the exit
     code (130 when interrupted)."""
     if result.final_path is not None:
         print(result.final_path)
-    elif result.resume_path is not None:
+    if result.cancelled and result.resume_path is not None:
         print(f"stopped at step {result.step}; continue with: alchemy {command} --ckpt {ckpt} "
               f"--resume {result.log_dir}", file=sys.stderr)
     return 130 if result.interrupted else 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AlchemyError
+from ..names import name_problem
 from ..formats.embedding import Embedding, write_embedding
 from ..prompt import CHUNK_LENGTH
 from .library import EmbeddingLibrary
@@ -33,8 +34,10 @@ def check_name(name: str) -> str:
     The host silently drops characters other than letters, digits and ``._- ``; we refuse instead, so
     the word used in prompts is exactly the name the user typed.
     """
-    what = None
-    if not name or not name.strip():
+    what = name_problem(name)
+    if what:
+        pass
+    elif not name or not name.strip():
         what = "is empty"
     elif not all(ch.isalnum() or ch in "._- " for ch in name) or not any(ch.isalnum() for ch in name):
         bad = sorted({ch for ch in name if not ch.isalnum() and ch not in "._- "})

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AlchemyError
+from ..folders import check_folder
 from ..formats.embedding import HOST_EMBEDDING_SUFFIXES, IMAGE_SUFFIXES, Embedding, read_embedding
 from ..prompt import CHUNK_LENGTH
 from .matcher import EmbeddingMatcher
@@ -148,7 +149,7 @@ def _read(path: Path, stamp: Stamp) -> tuple[Embedding | None, str | None]:
         return read_embedding(path), None
     except AlchemyError as exc:
         return None, exc.what + (f" ({exc.fix})" if exc.fix else "")
-    except (OSError, MemoryError, ValueError, RuntimeError) as exc:  # torn write, vanished, odd content
+    except Exception as exc:  # noqa: BLE001 — torn write, vanished, odd content: one file never breaks a listing
         return None, f"could not be read: {type(exc).__name__}: {exc}"
 
 
@@ -168,7 +169,7 @@ class EmbeddingLibrary:
     """
 
     def __init__(self, directory: str | os.PathLike, widths: dict[str, int] | None = None, tokenizer=None):
-        self.directory = Path(directory)
+        self.directory = Path(directory)  # a file here lists nothing (listings never fail); entry() says why
         self.widths = dict(widths) if widths is not None else None
         self.tokenizer = tokenizer
         self._files: dict[Path, tuple[Stamp, Embedding | None, str | None]] = {}
@@ -202,7 +203,10 @@ class EmbeddingLibrary:
         for path, (stamp, embedding, error) in self._files.items():
             name = embedding.name if embedding is not None else path.stem
             if error is None:
-                error = fit_problem(embedding, self.widths)
+                try:
+                    error = fit_problem(embedding, self.widths)
+                except Exception as exc:  # noqa: BLE001 — a shape or value no check above foresaw
+                    error = f"could not be checked: {type(exc).__name__}: {exc}"
             entries.append(LibraryEntry(name, path, stamp, embedding, error))
         if self.tokenizer is not None:
             usable = [e for e in entries if e.usable]
@@ -243,6 +247,7 @@ class EmbeddingLibrary:
         if skipped:
             raise AlchemyError(f"embedding {name!r} cannot be used: {skipped[-1].error}", skipped[-1].path,
                                "replace the file with one made for this model")
+        check_folder(self.directory, "the embeddings folder")
         known = ", ".join(self.names()[:20]) or "none"
         raise AlchemyError(f"no embedding named {name!r}", self.directory,
                            f"put {name}.pt in this folder or create it first (known: {known})")

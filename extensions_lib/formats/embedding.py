@@ -129,6 +129,10 @@ def embedding_from_data(data: Any, name: str, path: str, *, metadata: Mapping[st
             raise AlchemyError(f"SDXL embedding with unexpected keys {sorted(map(str, extra_keys))}", path,
                                "an SDXL embedding holds exactly clip_l and clip_g")
         vectors = {k: _as_float32(data[k], path, k) for k in SDXL_KEYS}
+        shapes = {k: tuple(v.shape) for k, v in vectors.items()}
+        if any(len(shape) != 2 for shape in shapes.values()):
+            raise AlchemyError(f"SDXL tensors have shapes {shapes}, expected (vectors, width) each", path,
+                               _NOT_EMBEDDING_FIX)
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise AlchemyError("clip_l and clip_g hold different numbers of vectors", path,
                                "the file is damaged; save it again")
@@ -157,7 +161,7 @@ def embedding_from_data(data: Any, name: str, path: str, *, metadata: Mapping[st
 def _int_or_none(v: Any) -> int | None:
     try:
         return None if v is None or v == "" else int(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # e.g. "step": Infinity in an image's JSON
         return None
 
 
@@ -185,8 +189,8 @@ def read_embedding(path: str | os.PathLike) -> Embedding:
     from . import embedding_image, embedding_pt, embedding_safetensors  # they build on this module
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AlchemyError("file not found", path, "check the path")
+    if not os.path.isfile(path):  # a FIFO or device is never opened: reading it could block or never end
+        raise AlchemyError("not a regular file" if os.path.exists(path) else "file not found", path, "check the path")
     with open(path, "rb") as fh:
         head = fh.read(16)
     kind = _sniff(head, os.path.getsize(path))

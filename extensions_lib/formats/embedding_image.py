@@ -24,6 +24,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import AlchemyError
+from ..names import is_valid_name
 from .embedding import Embedding, embedding_from_data, name_from_path
 
 TEXT_KEY = "sd-ti-embedding"
@@ -32,6 +33,13 @@ _CHANNELS = 3
 _LCG_A, _LCG_C, _LCG_M = 1664525, 1013904223, 2**32
 _DOT, _DOT_PITCH, _DOT_STAGGER = 6, 8, 4
 _EDGE_VALUES = 1024
+
+MAX_PIXELS = 4096 * 2048
+"""Largest embedding image decoded (checked from the header, before decoding): a zlib bomb in a small PNG's
+pixels would otherwise cost gigabytes. Previews plus data blocks of any real embedding fit far below it."""
+MAX_JSON_BYTES = 8 << 20
+"""Largest embedded JSON unpacked (from base64 text or the zlib stream in the pixels); a 75-vector 2048-wide
+embedding needs about 4 MB."""
 
 
 # --- JSON with tensors ------------------------------------------------------------------------------
@@ -61,6 +69,8 @@ def data_to_b64(data: dict) -> bytes:
 
 
 def b64_to_data(text: str | bytes) -> dict:
+    if len(text) > MAX_JSON_BYTES * 4 // 3 + 4:
+        raise AlchemyError(f"the embedded text is {len(text)} bytes; more than an embedding ever needs")
     return json_to_data(base64.b64decode(text))
 
 
@@ -160,24 +170,63 @@ def extract_pixel_data(image) -> dict | None:
         return None
     raw = ((upper << 4) | lower).flatten().tobytes()
     try:
-        return json_to_data(zlib.decompressobj().decompress(raw))  # trailing padding is ignored
-    except (zlib.error, ValueError):
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(raw, MAX_JSON_BYTES)  # trailing padding is ignored
+    except zlib.error:
+        return None
+    if inflate.unconsumed_tail:
+        raise AlchemyError(f"the data in the pixels unpacks to more than {MAX_JSON_BYTES} bytes "
+                           "(a decompression bomb, not an embedding)")
+    try:
+        return json_to_data(text)
+    except ValueError:
         return None
 
 
 # --- files ------------------------------------------------------------------------------------------
+
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _check_png_text_chunks(path: str) -> None:
+    """Refuse a PNG whose text chunks are larger than any embedding's, before Pillow reads them into memory
+    (it keeps up to 64 MB of text). Only chunk headers are read; other formats pass unchecked."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return
+        for _ in range(1 << 16):
+            header = fh.read(8)
+            if len(header) < 8:
+                return
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind in _TEXT_CHUNKS and length > MAX_JSON_BYTES * 4 // 3 + 64:
+                raise AlchemyError(f"its {kind.decode('latin-1')} chunk holds {length} bytes; an embedding's text is "
+                                   f"at most {MAX_JSON_BYTES * 4 // 3} bytes", path,
+                                   "this is not an embedding image; move it out of the embeddings folder")
+            if kind == b"IEND":
+                return
+            fh.seek(length + 4, os.SEEK_CUR)
+
 
 def read_embedding_image(path: str | os.PathLike) -> Embedding:
     """PNG/WebP/...: text chunk first (PNG), else pixels. Named by the `name` stored inside, as the host does."""
     from PIL import Image
 
     path = os.fspath(path)
+    _check_png_text_chunks(path)
     try:
         with Image.open(path) as image:
+            if image.size[0] * image.size[1] > MAX_PIXELS:
+                raise AlchemyError(f"the image is {image.size[0]}x{image.size[1]} pixels; embedding images are "
+                                   f"decoded only up to {MAX_PIXELS} pixels", path,
+                                   "this is not an embedding image; move it out of the embeddings folder")
             image.load()
             text = getattr(image, "text", {}) or {}
             data = b64_to_data(text[TEXT_KEY]) if TEXT_KEY in text else extract_pixel_data(image)
-    except AlchemyError:
+    except AlchemyError as exc:
+        if exc.path is None:
+            raise AlchemyError(exc.what, path, "this is not an embedding image; move it out of the embeddings "
+                                               "folder") from None
         raise
     except Exception as exc:
         raise AlchemyError(f"cannot read the embedding in this image ({type(exc).__name__}: {exc})", path,
@@ -185,8 +234,9 @@ def read_embedding_image(path: str | os.PathLike) -> Embedding:
     if data is None:
         raise AlchemyError("this image holds no embedding", path,
                            "use an image saved with embedding data, or re-save it losslessly (PNG/WebP)")
+    # The stored name is untrusted: it becomes the run's log folder and snapshot names when trained.
     name = data.get("name") if isinstance(data, dict) else None
-    return embedding_from_data(data, name if isinstance(name, str) and name else name_from_path(path), path)
+    return embedding_from_data(data, name if is_valid_name(name) else name_from_path(path), path)
 
 
 def image_data(embedding: Embedding) -> dict[str, Any]:

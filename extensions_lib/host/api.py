@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AlchemyError
+from ..names import is_valid_name, name_problem
 from ..options import from_dict, to_dict
 from .jobs import Busy
 from .webui_adapter import NoModelLoaded
@@ -216,6 +217,9 @@ class AlchemyApi:
         options = options_from(cls, context.defaults_for(cls), _object(payload, "options"), "request 'options'")
         if not getattr(options, name_option):
             raise BadRequest(f"option {name_option} is required", fix=f"send \"options\": {{\"{name_option}\": ...}}")
+        if not is_valid_name(getattr(options, name_option)):
+            raise BadRequest(f"option {name_option}: {getattr(options, name_option)!r} "
+                             f"{name_problem(getattr(options, name_option))}", fix="send the plain file name")
         existing_folder(options.data_root, "data_root folder")
         if hasattr(options, "template_file"):
             context.resolve_template(options.template_file)  # 400 naming the choices before anything starts

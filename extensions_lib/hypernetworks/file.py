@@ -19,7 +19,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from ..errors import AlchemyError
+from ..names import is_valid_name
 from ..safe_pickle import safe_load
 from .module import Architecture, Hypernetwork, HypernetworkModule, parse_dropout_structure, upgrade_state_dict
 
@@ -109,9 +112,28 @@ def _architecture(data: Mapping) -> tuple[Architecture, bool]:
     return arch, use_dropout
 
 
+def declared_parameters(size: int, arch: Architecture) -> int:
+    """How many numbers the Linear and LayerNorm layers `arch` describes for context width `size` hold,
+    computed without building anything (a lower bound: an activation such as PReLU adds its own)."""
+    ls = arch.layer_structure
+    total = 0
+    for i in range(len(ls) - 1):
+        width_in, width_out = int(size * ls[i]), int(size * ls[i + 1])
+        total += width_in * width_out + width_out + (2 * width_out if arch.add_layer_norm else 0)
+    return total
+
+
 def _load_module(size: int, arch: Architecture, state: Any, which: str) -> HypernetworkModule:
     if not isinstance(state, Mapping):
         raise AlchemyError(f"the {which} module for width {size} is a {type(state).__name__}, not a state dict")
+    # The structure is untrusted: building modules for [1, 1e12, 1] would allocate before load_state_dict
+    # could notice. The stored weights (already read, so bounded by the file's size) must hold every number.
+    stored = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    declared = declared_parameters(size, arch)
+    if declared > stored:  # fewer is load_state_dict's to report (activations such as PReLU add a few more)
+        raise AlchemyError(f"the {which} module for width {size} does not match the file's own structure: "
+                           f"layer_structure {list(arch.layer_structure)} declares {declared} weights but the file "
+                           f"stores {stored} (refused before allocating)")
     module = HypernetworkModule(size, arch, weight_init=None)
     try:
         module.load_state_dict(upgrade_state_dict(state))
@@ -126,6 +148,8 @@ def _load_module(size: int, arch: Architecture, state: Any, which: str) -> Hyper
 def from_file_dict(data: Any, default_name: str) -> Hypernetwork:
     """Build a Hypernetwork from the loaded dict, as the host's ``Hypernetwork.load`` does (eval mode)."""
     sizes = [k for k in data if type(k) is int] if isinstance(data, Mapping) else []
+    if any(size < 1 for size in sizes):
+        raise AlchemyError(f"context widths {sizes} must be positive")
     if not sizes:
         what, fix = _not_a_hypernetwork(data)
         raise AlchemyError(f"not a hypernetwork: {what}", fix=fix)
@@ -141,7 +165,7 @@ def from_file_dict(data: Any, default_name: str) -> Hypernetwork:
     if not isinstance(step, int) or isinstance(step, bool):
         raise AlchemyError(f"'step' is {step!r}, not an integer")
     hn = Hypernetwork(
-        name=name if isinstance(name, str) and name else default_name, arch=arch, layers=layers,
+        name=name if is_valid_name(name) else default_name, arch=arch, layers=layers,  # untrusted name
         weight_init=data.get("weight_initialization", "Normal"), use_dropout=use_dropout,
         step=step, sd_checkpoint=data.get("sd_checkpoint"),
         sd_checkpoint_name=data.get("sd_checkpoint_name"), optional_info=data.get("optional_info"))
@@ -163,7 +187,7 @@ def read_hypernetwork(path: str | os.PathLike) -> Hypernetwork:
         hn = from_file_dict(data, default_name=path.stem)
     except AlchemyError as exc:
         raise AlchemyError(exc.what, path, exc.fix or fix) from None
-    except (TypeError, ValueError, KeyError, IndexError) as exc:  # malformed beyond the checks above
+    except Exception as exc:  # noqa: BLE001 — malformed beyond the checks above (odd types, tensors as flags...)
         raise AlchemyError(f"malformed hypernetwork ({type(exc).__name__}: {exc})", path, fix) from None
     hn.filename = str(path)
     return hn

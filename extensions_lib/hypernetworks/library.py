@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AlchemyError
+from ..folders import check_folder
 from .file import read_hypernetwork
 from .module import Hypernetwork
 
@@ -64,7 +65,7 @@ def find(directory: str | os.PathLike, name: str) -> Path:
     """The file the host would load for `name` from `directory`, found without reading any file: for
     one-off lookups (the command line), where a :class:`HypernetworkLibrary` would read the whole folder.
     A file that is not a usable hypernetwork is reported when it is read."""
-    directory = Path(directory)
+    directory = check_folder(directory, "the hypernetworks folder")
     found = {stem: path for stem, path, _ in scan(directory)} if directory.is_dir() else {}
     found.pop("None", None)  # the host's "no hypernetwork" choice
     if name not in found:
@@ -78,7 +79,7 @@ class HypernetworkLibrary:
     """The hypernetworks of one folder. Call :meth:`refresh` to pick up added, changed or removed files."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.directory = Path(directory)  # a file here lists nothing; asking it for a name says why
         self._entries: dict[Path, Entry] = {}
         self._by_name: dict[str, Entry] = {}
         self._skipped: list[Entry] = []
@@ -126,6 +127,7 @@ class HypernetworkLibrary:
     def path(self, name: str) -> Path:
         entry = self._by_name.get(name)
         if entry is None:
+            check_folder(self.directory, "the hypernetworks folder")
             raise AlchemyError(f"no hypernetwork named {name!r}", self.directory, self._unknown_fix(name))
         return entry.path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import AlchemyError
+from ..names import check_name
 from ..options import option
 from .module import ACTIVATIONS, WEIGHT_INITS, Architecture, parse_dropout_structure
 
@@ -58,7 +59,7 @@ def sanitize_name(name: str) -> str:
     if not clean:
         raise AlchemyError(f"hypernetwork name {name!r} is empty after removing characters a file name "
                            "cannot have", fix="use letters, digits, '.', '_', '-' or spaces")
-    return clean
+    return check_name(clean, "hypernetwork name")
 
 
 def architecture(opts: CreateHypernetworkOptions) -> Architecture:

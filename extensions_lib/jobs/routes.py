@@ -11,9 +11,9 @@ PREFIX = "/alchemy"
 NO_CACHE = {"Cache-Control": "no-store"}
 
 
-def add_progress_routes(app, runner: JobRunner, prefix: str = PREFIX) -> None:
+def add_progress_routes(app, runner: JobRunner, prefix: str = PREFIX, dependencies=()) -> None:
     """``GET <prefix>/progress`` (JSON) and ``GET <prefix>/progress/preview`` (the preview image, 404 when
-    there is none) on a FastAPI `app`."""
+    there is none) on a FastAPI `app`; `dependencies` (FastAPI ``Depends``) guard both, e.g. a login check."""
     from fastapi.responses import FileResponse, JSONResponse
 
     def progress():
@@ -25,5 +25,5 @@ def add_progress_routes(app, runner: JobRunner, prefix: str = PREFIX) -> None:
             return JSONResponse({"detail": "the current job has no preview image"}, status_code=404, headers=NO_CACHE)
         return FileResponse(path, headers=NO_CACHE)
 
-    app.add_api_route(f"{prefix}/progress", progress, methods=["GET"])
-    app.add_api_route(f"{prefix}/progress/preview", preview, methods=["GET"])
+    app.add_api_route(f"{prefix}/progress", progress, methods=["GET"], dependencies=list(dependencies))
+    app.add_api_route(f"{prefix}/progress/preview", preview, methods=["GET"], dependencies=list(dependencies))

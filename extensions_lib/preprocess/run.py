@@ -133,7 +133,10 @@ def find_sources(src: Path, *, recursive: bool, exclude: Path | None = None) -> 
                 continue
             path = root_path / name
             if path.suffix.lower() in extensions:
-                found.append(path)
+                if path.is_file():  # a FIFO or device named *.png would hang the run or fill memory
+                    found.append(path)
+                else:
+                    ignored += 1
             elif path.suffix.lower() != ".txt":
                 ignored += 1
     return sorted(found, key=lambda p: p.relative_to(src).as_posix()), ignored

@@ -59,16 +59,20 @@ def generate(adapter: ModelAdapter, prompt: str, negative: str = "", steps: int 
 
 
 def generate_from(adapter: ModelAdapter, opts: GenerationOptions, *, encode_fn: EncodeFn | None = None,
-                  callback: Callable | None = None,
-                  extra_params: Mapping[str, Any] | None = None) -> list[Image.Image]:
-    """:func:`generate` for options held as one :class:`GenerationOptions` (CLI, UI, trainer previews)."""
+                  callback: Callable | None = None, extra_params: Mapping[str, Any] | None = None,
+                  refuse_nan: bool = False) -> list[Image.Image]:
+    """:func:`generate` for options held as one :class:`GenerationOptions` (CLI, UI, trainer previews).
+
+    refuse_nan: raise :class:`NonFiniteImage` (before any image is returned) when the model produced NaN or
+    infinite values, instead of returning the black image they turn into.
+    """
     spec = check_options(opts)
     seeds = [fixed_seed(opts.seed) + i for i in range(opts.batch_size)]
     with torch.no_grad():
         cond, uncond = encode_pair(adapter, opts.prompt, opts.negative, opts.clip_skip, encode_fn)
         noise = ImageNoise(seeds, latent_shape(opts.width, opts.height), adapter.device)
         latents = sample_latents(adapter, spec, cond, uncond, noise, opts.steps, opts.cfg_scale, callback)
-        images = decode_images(adapter, latents)
+        images = decode_images(adapter, latents, refuse_nan=refuse_nan)
     for image, seed in zip(images, seeds):
         image.info["parameters"] = infotext(opts.prompt, opts.negative, {
             "Steps": opts.steps, "Sampler": spec.label, "CFG scale": format_number(opts.cfg_scale), "Seed": seed,
@@ -142,12 +146,33 @@ def sample_latents(adapter: ModelAdapter, spec: SamplerSpec, cond: torch.Tensor,
         return spec.sample(model_fn, x, sigmas, callback=callback, **extra)
 
 
-def decode_images(adapter: ModelAdapter, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE-decode one latent at a time (as the WebUI does: peak memory of a single image)."""
+class NonFiniteImage(AlchemyError):
+    """The model produced NaN or infinite values: the image would be black."""
+
+
+def _check_finite(tensor: torch.Tensor, stage: str, index: int) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteImage(f"the {stage} produced NaN or infinite values for image {index + 1}, so it would be "
+                             "black; no image was written",
+                             fix="the checkpoint (or a hypernetwork or embedding applied to it) is broken, or half "
+                                 "precision overflowed: try full precision (--device cpu) or another checkpoint/VAE")
+
+
+def decode_images(adapter: ModelAdapter, latents: torch.Tensor, refuse_nan: bool = False) -> list[Image.Image]:
+    """VAE-decode one latent at a time (as the WebUI does: peak memory of a single image); with
+    `refuse_nan`, NonFiniteImage when the sampler or the VAE produced NaN/inf."""
     vae = adapter.modules().get("vae")
     dtype = next(vae.parameters()).dtype if vae is not None else adapter.dtype
+    images = []
     with adapter.use("vae"):
-        return [to_pil(adapter.decode_latents(latent[None].to(adapter.device, dtype))[0]) for latent in latents]
+        for index, latent in enumerate(latents):
+            if refuse_nan:
+                _check_finite(latent, "sampler (UNet)", index)
+            decoded = adapter.decode_latents(latent[None].to(adapter.device, dtype))[0]
+            if refuse_nan:
+                _check_finite(decoded, "VAE", index)
+            images.append(to_pil(decoded))
+    return images
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

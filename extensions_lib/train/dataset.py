@@ -221,7 +221,7 @@ class ImageDataset:
         h = hashlib.sha256()
         for e in self.entries:
             for part in (e.path.name, e.sha256, e.caption):
-                h.update(part.encode("utf-8"))
+                h.update(part.encode("utf-8", "surrogateescape"))  # a non-UTF-8 file name hashes as its bytes
                 h.update(b"\0")
         return h.hexdigest()
 

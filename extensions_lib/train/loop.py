@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
+from ..atomic import remove_leftovers
 from ..errors import AlchemyError
 from .batches import Batch, BatchSource
+from .guards import SpikeGuard
 from .plan import RunPlan
 from .provenance import Provenance
 from .resume import STATE_FILE, RunCounters, find_resume_state, load_resume_state, restore, save_state
@@ -310,6 +312,7 @@ class _Run:
         self.stop = threading.Event()
         self.stop_at = plan.stop_at
         self.speed = _Speed()
+        self.guard = SpikeGuard(self.stepper.params)
         self.plot_metadata = method.provenance.to_metadata()
         self.warnings = warnings = self._open_log()
         self.plan_epoch, self.epoch_plan = -1, []
@@ -333,6 +336,8 @@ class _Run:
             self.state_path = self.log_dir / STATE_FILE
             self.rngs.seed_globals(options.seed)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for folder, below in ((self.log_dir, True), (self.method.output_path(self.log_dir, None).parent, False)):
+            remove_leftovers(folder, recursive=below)  # temporary files of saves killed in an earlier run
         self.initial_step = self.counters.step
         self.csv_path = self.log_dir / getattr(self.method, "loss_csv_name", "loss.csv")
         if options.resume:
@@ -388,6 +393,11 @@ class _Run:
             return
         run.step += 1
         run.streak = 0
+        spike = self.guard.problem(step_loss)
+        if spike is not None:  # nothing more is written: the last good files stay
+            raise AlchemyError(f"training stopped at step {run.step}: {spike}", self.log_dir,
+                               fix="lower the learning rate (or enable gradient clipping); the files saved "
+                                   "before this step are untouched, resume from the last saved state")
         after = getattr(self.method, "after_step", None)
         if after is not None:
             after(run.step)
@@ -428,7 +438,9 @@ class _Run:
         run, options = self.counters, self.options
         cancelled = run.step < self.stop_at
         if cancelled:
-            final_path, last_saved = None, self.save_file(run.step)
+            last_saved = self.save_file(run.step)
+            # As the WebUI does on Interrupt: the trained vectors also go to the file in its folder.
+            final_path = self.save_file(None) if run.step > self.initial_step else None
         else:
             final_path = last_saved = self.save_file(None)
             if options.save_every and run.step % options.save_every == 0 and run.step > self.initial_step:

@@ -12,6 +12,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import AlchemyError
+from ..safe_pickle import real_data_bytes
 from ..options import from_dict, to_dict
 
 STATE_FILE = "resume-state.pt"
@@ -51,9 +52,10 @@ def load_resume_state(path: str | Path) -> dict:
     """Read a resume state with torch's restricted (weights-only) unpickler."""
     path = find_resume_state(path)
     try:
+        real_data_bytes(path)  # torch's weights-only loader would inflate a zip bomb before refusing anything
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AlchemyError(f"resume state cannot be read ({exc})", path,
+        raise AlchemyError(f"resume state cannot be read: {_why_refused(exc)}", path,
                            fix="resume from an earlier run folder or start a new run") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise AlchemyError("not an Alchemy resume state", path, fix=f"give the {STATE_FILE} of a run")
@@ -61,6 +63,17 @@ def load_resume_state(path: str | Path) -> dict:
         raise AlchemyError(f"resume state version {state.get('version')} is newer than this Alchemy understands",
                            path, fix="update Alchemy")
     return state
+
+
+def _why_refused(exc: Exception) -> str:
+    """torch's reason, without its advice to turn weights_only off: that would let the file run code."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error" in line or "unsupported global" in line.lower():
+            return ("refused, it asks for something other than tensors and numbers, which a resume state never holds "
+                    f"({line.split('error:', 1)[-1].strip()}); it may have been tampered with")
+    plain = [line for line in lines if "weights_only" not in line.lower() and "trusted source" not in line]
+    return (plain[0] if plain else type(exc).__name__)[:300]
 
 
 def resume_options(resume: str | Path, options_cls, overrides: dict | None = None):

@@ -11,14 +11,18 @@ from typing import Sequence
 import numpy as np
 
 from ..atomic import atomic_path, write_text
+from ..folders import check_folder
+from ..names import child_path
 from ..options import to_dict
 from .provenance import Provenance
 
 
 def log_dir_for(log_directory: str | Path, name: str, today: datetime.date | None = None) -> Path:
-    """``<log_directory>/<YYYY-MM-DD>/<name>/`` as the WebUI lays out its training logs."""
+    """``<log_directory>/<YYYY-MM-DD>/<name>/`` as the WebUI lays out its training logs; a `name` that would
+    leave that folder (``../x``, ``/abs``) is refused: previews and snapshots are named after it too."""
     today = today or datetime.date.today()
-    return Path(log_directory) / today.strftime("%Y-%m-%d") / name
+    check_folder(log_directory, "the log directory")
+    return child_path(Path(log_directory) / today.strftime("%Y-%m-%d"), name, "training run name")
 
 
 # ---- loss CSV and plot --------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ def trim_csv(path: Path, last_step: int) -> None:
             except ValueError:
                 continue
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+        writer = csv.writer(fh, lineterminator="\n")  # the line ending append_csv writes
         writer.writerow(CSV_HEADER)
         writer.writerows(rows)
 

@@ -129,18 +129,45 @@ def build_app(runner: JobRunner, context: UIContext, *, title: str = "Alchemy"):
     return demo
 
 
+def served_folders(context: UIContext) -> list[Path]:
+    """The folders the app writes (training logs with their previews, embeddings, hypernetworks): the only
+    files on disk its ``/file=`` route serves (besides gradio's own temporary and uploaded files)."""
+    folders = [context.log_root, context.embeddings_dir, context.hypernetworks_dir]
+    return list(dict.fromkeys(Path(f).resolve() for f in folders))
+
+
+def _never_served(context: UIContext) -> list[str]:
+    """Model files the app reads, blocked even when they lie inside a served folder."""
+    paths = [getattr(context.model, "ckpt", None), context.cache_dir, context.tagger_models_dir]
+    return [str(Path(p).resolve()) for p in paths if p is not None]
+
+
+def _login_dependencies(app) -> list:
+    """The login check gradio puts on its own routes (so our routes ask for the same login)."""
+    for route in app.routes:
+        if getattr(route, "path", None) == "/file={path_or_url:path}":
+            return list(route.dependencies)
+    raise RuntimeError("gradio's /file= route was not found; cannot guard the progress routes")
+
+
 def launch(runner: JobRunner, context: UIContext, *, host: str = "127.0.0.1", port: int = 7861,
-           block: bool = True):
-    """Serve the app; returns (demo, local url). With `block` it serves until Ctrl-C."""
+           block: bool = True, auth: list[tuple[str, str]] | None = None):
+    """Serve the app; returns (demo, local url). With `block` it serves until Ctrl-C. `auth`: (user,
+    password) pairs the browser must log in with."""
     from ..jobs.routes import add_progress_routes
 
     demo = build_app(runner, context)
     # Several workers: a click handler waits for its job while other events (refresh, a second start that
     # must be refused clearly) still need answering.
     demo.queue(concurrency_count=4)
+    served = served_folders(context)
     app, local_url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_error=True,
-                                    quiet=True, share=False, inbrowser=False)
-    add_progress_routes(app, runner)
+                                    quiet=True, share=False, inbrowser=False, auth=auth or None,
+                                    allowed_paths=[str(p) for p in served], blocked_paths=_never_served(context))
+    # gradio 3.41's /file= route also serves every non-hidden file below the working directory (its
+    # "app dir"); make that the app's own folder, so a checkpoint or notes beside it are not served.
+    app.cwd = str(served[0])
+    add_progress_routes(app, runner, dependencies=_login_dependencies(app))
     if block:
         demo.block_thread()
     return demo, local_url
