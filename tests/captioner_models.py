@@ -29,8 +29,13 @@ def make_blip_folder(folder: Path, *, seed: int = 0, safetensors: bool = True) -
                               image_size=32, patch_size=8)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
-    with torch.no_grad():  # sharper logits: captions then depend on the image, as a trained model's do
-        model.text_decoder.cls.predictions.decoder.weight.mul_(8.0)
+    with torch.no_grad():  # transformers initialises the vision tower near zero (std 1e-10): captions would
+        for name, param in model.vision_model.named_parameters():  # not depend on the image at all
+            if param.ndim >= 2 or "embedding" in name:
+                param.normal_(0.0, 0.2)
+        for name, param in model.text_decoder.named_parameters():  # and let the image steer the words
+            if "crossattention" in name and ("value" in name or "output.dense" in name) and name.endswith("weight"):
+                param.mul_(20.0)
     BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
     model.save_pretrained(folder, safe_serialization=safetensors)
     return folder

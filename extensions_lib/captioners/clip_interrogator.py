@@ -248,7 +248,7 @@ class Prompter:
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def fit(self, text: str) -> str:
-        return truncate_to_fit(text, self.opts.token_budget)
+        return truncate_to_fit(text, self.opts.prompt_budget)
 
     def classic(self, features, caption: str) -> str:
         medium, artist, trending, movement = (self.rank(self.tables[n], features, 1)[0]
@@ -270,7 +270,7 @@ class Prompter:
         sign = -1.0 if reverse else 1.0
         pool = list(dict.fromkeys(p for p in phrases if p))
         cost = {p: token_count(p) for p in pool}
-        budget = self.opts.token_budget
+        budget = self.opts.prompt_budget
         if not start:
             if not pool:
                 return ""

@@ -46,7 +46,7 @@ class InterrogateOptions:
                                      minimum=1, group="CLIP")
     chunk_size: int = option(2048, help="labels ranked (and text prompts encoded) per step; lower needs less "
                                         "memory", minimum=1, group="CLIP")
-    token_budget: int = option(75, help="CLIP tokens the prompt may use (77 minus start and end tokens)",
+    prompt_budget: int = option(75, help="CLIP tokens the interrogator prompt may use (77 minus start and end tokens)",
                                minimum=1, maximum=75, group="CLIP")
 
 
