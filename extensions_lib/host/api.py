@@ -8,6 +8,7 @@ Every route runs the same job functions as the tabs (``extensions_lib.ui.dataset
     GET  /alchemy/v1/hypernetworks           hypernetworks the toggle can use (and skipped files)
     POST /alchemy/v1/tag/image               {"image": base64, "model"?, "options"?, "run"?} -> {"caption"}
     POST /alchemy/v1/tag/folder              {"folder", "model"?, "options"?, "run"?, "wait"?} -> 202 job
+    POST /alchemy/v1/caption/{image|folder}  BLIP / CLIP-interrogator captions (see host/caption_api.py)
     POST /alchemy/v1/train/{embedding|hypernetwork}   {"options": {...}, "wait"?} -> 202 job
     POST /alchemy/v1/jobs/stop               stop the running job (it saves first)
     GET  /alchemy/v1/jobs/current            the current or last job
@@ -338,6 +339,9 @@ def register(app, api: AlchemyApi, prefix: str = PREFIX, *, credentials: dict[st
               ("POST", "/jobs/stop", lambda: respond(api.stop)),
               ("GET", "/jobs/current", lambda: respond(api.current_job)),
               ("GET", "/jobs/{job_id}", job_route)]
+    from .caption_api import routes as caption_routes  # POST /caption/image, /caption/folder
+
+    routes += caption_routes(api, body_route)
     for method, path, endpoint in routes:
         app.add_api_route(prefix + path, endpoint, methods=[method], dependencies=dependencies)
 

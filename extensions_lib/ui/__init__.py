@@ -71,3 +71,7 @@ def build_dataset_tabs(runner: JobRunner, context: UIContext) -> None:
         build_tagger(runner, context)
     with gr.Tab("Preprocess", id="alchemy_preprocess_tab", elem_id="alchemy_preprocess_tab"):
         build_preprocess(runner, context)
+    from .tab_captions import build_captions
+
+    with gr.Tab("Captions", id="alchemy_captions_tab", elem_id="alchemy_captions_tab"):
+        build_captions(runner, context)
