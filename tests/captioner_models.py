@@ -57,3 +57,14 @@ def make_clip_folder(folder: Path, *, seed: int = 0) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+LABEL_WORDS = ["red", "green", "blue", "tall", "soft", "dark", "bright", "old", "shiny", "misty", "calm", "wild"]
+
+
+def write_label_lists(root: Path, words=LABEL_WORDS) -> Path:
+    """The interrogator's five list files, each "<list> <word>" per word."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("artists", "flavors", "mediums", "movements", "negative"):
+        (root / f"{name}.txt").write_text("\n".join(f"{name[:-1]} {w}" for w in words) + "\n", encoding="utf-8")
+    return root

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner_models import make_clip_folder
+from captioner_models import make_clip_folder, write_label_lists
 from extensions_lib.captioners import InterrogateOptions, Prompter, load_clip, token_count, top_k
 from extensions_lib.captioners.labels import build_table, cache_file, table_labels
 
@@ -23,11 +23,7 @@ def clip(tmp_path_factory):
 
 @pytest.fixture()
 def lists_dir(tmp_path):
-    root = tmp_path / "lists"
-    root.mkdir()
-    for name in ("artists", "flavors", "mediums", "movements", "negative"):
-        (root / f"{name}.txt").write_text("\n".join(f"{name[:-1]} {w}" for w in WORDS) + "\n", encoding="utf-8")
-    return root
+    return write_label_lists(tmp_path / "lists", WORDS)
 
 
 def picture(seed: int) -> Image.Image:
@@ -123,11 +119,7 @@ def test_modes_against_direct_ranking(clip, lists_dir, tmp_path):
 
 
 def test_prompts_stay_inside_the_token_budget(clip, tmp_path):
-    root = tmp_path / "long"
-    root.mkdir()
-    long_words = [" ".join(f"{w}{i}" for i in range(6)) for w in WORDS]
-    for name in ("artists", "flavors", "mediums", "movements", "negative"):
-        (root / f"{name}.txt").write_text("\n".join(long_words) + "\n", encoding="utf-8")
+    root = write_label_lists(tmp_path / "long", [" ".join(f"{w}{i}" for i in range(6)) for w in WORDS])
     tables = clip.tables(lists_dir=root, cache_dir=None)
     clip._tables.clear()
     feats = clip.image_features([picture(1)])[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner_models import make_blip_folder, make_clip_folder
+from captioner_models import make_blip_folder, make_clip_folder, write_label_lists
 from extensions_lib.captioners import (BlipOptions, CaptionRunOptions, ComposeOptions, InterrogateOptions, Models,
                                        Parts, caption_directory, compose, load_blip, token_count)
 from extensions_lib.tagger import ModelSlot
@@ -45,11 +45,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture()
 def lists_dir(tmp_path):
-    root = tmp_path / "lists"
-    root.mkdir()
-    for name in ("artists", "flavors", "mediums", "movements", "negative"):
-        (root / f"{name}.txt").write_text("\n".join(f"{name[:-1]} {w}" for w in WORDS) + "\n", encoding="utf-8")
-    return root
+    return write_label_lists(tmp_path / "lists", WORDS)
 
 
 def make_images(folder, n, start=0):

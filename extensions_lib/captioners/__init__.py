@@ -15,8 +15,8 @@ from .blip import BlipCaptioner, load_blip
 from .clip_interrogator import ClipInterrogator, Prompter, load_clip, token_count, top_k, truncate_to_fit
 from .compose import Composed, Parts, compose
 from .options import BlipOptions, CaptionRunOptions, ComposeOptions, InterrogateOptions
-from .run import CaptionSummary, Models, caption_directory
+from .run import CaptionSummary, Models, caption_directory, caption_image
 
 __all__ = ["BlipCaptioner", "load_blip", "ClipInterrogator", "Prompter", "load_clip", "token_count", "top_k",
            "truncate_to_fit", "Composed", "Parts", "compose", "BlipOptions", "CaptionRunOptions", "ComposeOptions",
-           "InterrogateOptions", "CaptionSummary", "Models", "caption_directory"]
+           "InterrogateOptions", "CaptionSummary", "Models", "caption_directory", "caption_image"]

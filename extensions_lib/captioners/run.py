@@ -25,7 +25,7 @@ from PIL import Image
 from ..atomic import atomic_open, write_text
 from ..errors import AlchemyError
 from ..tagger.cache import ScoreCache, WrittenTags, content_hash
-from ..tagger.captions import check_options, merge_caption, split_caption
+from ..tagger.captions import check_options, merge_caption
 from ..tagger.image_io import ImageSkipped, decode_image, list_images
 from ..tagger.options import CaptionOptions
 from ..tagger.run import _check_extension, _read_existing, caption_path_for
@@ -282,6 +282,24 @@ def caption_directory(input_dir: str | os.PathLike, models: Models, run: Caption
     if report:
         report("\n".join(summary.lines()))
     return summary
+
+
+def caption_image(image: Image.Image, models: Models, run: CaptionRunOptions, compose_opts: ComposeOptions, *,
+                  slot, **kwargs) -> str:
+    """The caption one in-memory image gets, through the folder pipeline (same caches, same model order) in a
+    scratch folder: nothing is written beside any image of the user's."""
+    import dataclasses
+    import tempfile
+
+    run = dataclasses.replace(run, output_dir=None, recursive=False)
+    compose_opts = dataclasses.replace(compose_opts, existing_caption="overwrite", outputs=["txt"])
+    with tempfile.TemporaryDirectory(prefix="alchemy-caption-") as tmp:
+        path = Path(tmp) / "image.png"
+        image.convert("RGB").save(path)
+        summary = caption_directory(tmp, models, run, compose_opts, slot=slot, **kwargs)
+        if summary.skipped:
+            raise AlchemyError(f"not captioned: {summary.skipped[0][1]}", fix="give a readable image")
+        return summary.captions.get(str(path), "")
 
 
 def _hash_all(items: list[_Item], summary: CaptionSummary) -> None:

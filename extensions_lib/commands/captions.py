@@ -130,31 +130,17 @@ def run_interrogate(args: argparse.Namespace) -> int:
         return _run_folder(path, run, compose, blip, clip, None, "interrogating")
     if not path.is_file():
         raise AlchemyError("not found", path, "give an image file or a folder")
-    print(interrogate_image(path, run, blip, clip))
-    return 0
-
-
-def interrogate_image(path: Path, run, blip_opts, clip_opts, *, slot=None) -> str:
-    """The prompt for one image file (nothing written; the caches are used and filled as for folders)."""
-    from ..captioners.run import caption_directory
+    from ..captioners.run import caption_image
     from ..tagger import ModelSlot
-    from ..captioners.options import ComposeOptions
-    import tempfile, shutil
+    from ..tagger.image_io import ImageSkipped, decode_image
 
-    # One image through the folder pipeline (same caches, same model order) in a scratch folder.
-    with tempfile.TemporaryDirectory(prefix="alchemy-interrogate-") as tmp:
-        copy = Path(tmp) / path.name
-        shutil.copyfile(path, copy)
-        order = ["clip"] if clip_opts.mode == "negative" else ["sentence", "clip"]
-        compose = ComposeOptions(order=order, token_budget=clip_opts.prompt_budget, existing_caption="overwrite")
-        own = slot is None
-        slot = slot or ModelSlot()
-        try:
-            summary = caption_directory(tmp, resolve_models(run), dataclasses.replace(run, output_dir=None,
-                                        recursive=False), compose, slot=slot, blip_opts=blip_opts, clip_opts=clip_opts)
-        finally:
-            if own:
-                slot.unload()
-        if summary.skipped:
-            raise AlchemyError(summary.skipped[0][1], path, "give a readable image")
-        return summary.captions.get(str(copy), "")
+    try:
+        image = decode_image(path, max_pixels=run.max_pixels)
+    except ImageSkipped as exc:
+        raise AlchemyError(f"not readable as an image: {exc.reason}", path, "give an image file") from None
+    slot = ModelSlot()
+    try:
+        print(caption_image(image, resolve_models(run), run, compose, slot=slot, blip_opts=blip, clip_opts=clip))
+    finally:
+        slot.unload()
+    return 0

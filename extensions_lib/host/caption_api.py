@@ -43,14 +43,14 @@ class CaptionApi:
         self.api = api
 
     def caption_image(self, payload: dict):
-        from ..ui.caption_jobs import CaptionImageRequest, caption_image
+        from ..ui.caption_jobs import CaptionRequest, caption_image
 
         context = self.api.context()
         check_supported(context, "captions")
         image = decode_image_field(payload.get("image"))
         opts = _options(context, payload)
         _check_models(context, opts["run"])
-        p = self.api._run(caption_image, CaptionImageRequest(image=image, context=context, **opts),
+        p = self.api._run(caption_image, CaptionRequest(image=image, context=context, **opts),
                           "Captioning an image", "captions", wait=True)
         return self.api._finished(p, lambda: {"caption": p.result})
 

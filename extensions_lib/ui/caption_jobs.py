@@ -4,7 +4,6 @@ the WebUI) and share the tagger's slot: one model resident at a time across the 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,13 @@ def _run_options(context: UIContext, run: CaptionRunOptions) -> CaptionRunOption
 
 @dataclass
 class CaptionRequest:
-    folder: str
+    """A folder to caption (`folder`), or one in-memory image (`image`) for :func:`caption_image`."""
+
     run: CaptionRunOptions
     compose: ComposeOptions
     context: UIContext
+    folder: str = ""
+    image: Any = None
     blip: BlipOptions = field(default_factory=BlipOptions)
     clip: InterrogateOptions = field(default_factory=InterrogateOptions)
     tags: CaptionOptions = field(default_factory=CaptionOptions)
@@ -56,33 +58,17 @@ def caption_folder(request: CaptionRequest, job: JobContext):
     return summary
 
 
-@dataclass
-class CaptionImageRequest:
-    image: Any
-    run: CaptionRunOptions
-    compose: ComposeOptions
-    context: UIContext
-    blip: BlipOptions = field(default_factory=BlipOptions)
-    clip: InterrogateOptions = field(default_factory=InterrogateOptions)
-    tags: CaptionOptions = field(default_factory=CaptionOptions)
-
-
-def caption_image(request: CaptionImageRequest, job: JobContext) -> str:
+def caption_image(request: CaptionRequest, job: JobContext) -> str:
     """The caption one in-memory image gets (written nowhere; the caches are used and filled)."""
-    from ..captioners.run import caption_directory
+    from ..captioners.run import caption_image as caption_one
     from ..commands.captions import resolve_models
 
     if request.image is None:
         raise AlchemyError("no image given", fix="drop an image into the image box first")
-    run = dataclasses.replace(_run_options(request.context, request.run), output_dir=None, recursive=False)
+    run = _run_options(request.context, request.run)
     models = resolve_models(run, report=lambda line: job.update(message=line))
-    compose = dataclasses.replace(request.compose, existing_caption="overwrite", outputs=["txt"])
-    with tempfile.TemporaryDirectory(prefix="alchemy-caption-") as tmp:
-        path = Path(tmp) / "image.png"
-        request.image.convert("RGB").save(path)
-        summary = caption_directory(tmp, models, run, compose, slot=request.context.tagger(), blip_opts=request.blip,
-                                    clip_opts=request.clip, tag_opts=request.tags, progress=job.counter("step"),
-                                    should_stop=job.should_stop)
-        text = summary.captions.get(str(path), "")
+    text = caption_one(request.image, models, run, request.compose, slot=request.context.tagger(),
+                       blip_opts=request.blip, clip_opts=request.clip, tag_opts=request.tags,
+                       progress=job.counter("step"), should_stop=job.should_stop)
     job.update(message=text)
     return text

@@ -9,7 +9,7 @@ import gradio as gr
 from ..captioners.options import BlipOptions, CaptionRunOptions, ComposeOptions, InterrogateOptions
 from ..errors import AlchemyError
 from ..tagger.options import CaptionOptions
-from .caption_jobs import CaptionImageRequest, CaptionRequest, caption_folder, caption_image, captioner_models_dir
+from .caption_jobs import CaptionRequest, caption_folder, caption_image, captioner_models_dir
 from .context import UIContext
 from .forms import render_options
 from .progress import JobRunner
@@ -93,7 +93,7 @@ def build_captions(runner: JobRunner, context: UIContext) -> None:
             opts = read(blip_model, clip_model, clip_file, tagger_model, values)
         except AlchemyError as exc:
             return error_text(exc)
-        p = run_and_report(runner, caption_image, CaptionImageRequest(image=picture, **opts),
+        p = run_and_report(runner, caption_image, CaptionRequest(image=picture, **opts),
                            title="Captioning one image", panel=PANEL)
         return p.result if p.state == "done" else outcome(p)
 
