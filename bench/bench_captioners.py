@@ -4,7 +4,8 @@
    loaded from disk) against the per-image loop the reference tools run (the WebUI's interrogator and
    crosstyan/blip_helper caption one image at a time: open, preprocess one image, `generate`, decode),
    both on the same transformers BLIP of reduced size (random weights; ViT 224/16 with 6 layers of
-   width 384, a 4-layer width-384 text decoder: big enough that the model, not Python, dominates) with
+   width 384, a 6-layer width-384 text decoder with BLIP's 30524-word vocabulary, so that as in the real
+   model the word-by-word decoding, not the image encoder, takes most of the time) with
    greedy decoding to a fixed length (min_length = max_length, so both do the same number of steps).
 2. CLIP interrogator (fast mode): a cold run (empty cache: every label text-encoded, every image
    encoded), a run with the label tables cached but new images, and a warm re-run (everything cached),
@@ -40,11 +41,11 @@ def make_blip(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
-                                                 *(f"w{i}" for i in range(2000))]) + "\n")
+                                                 *(f"w{i}" for i in range(30518))]) + "\n")
     tok = BertTokenizer(str(folder / "vocab.txt"))
     tok.add_special_tokens({"bos_token": "[DEC]"})
     text = BlipTextConfig(vocab_size=len(tok), hidden_size=384, encoder_hidden_size=384, intermediate_size=1536,
-                          num_attention_heads=6, num_hidden_layers=4, bos_token_id=tok.bos_token_id,
+                          num_attention_heads=6, num_hidden_layers=6, bos_token_id=tok.bos_token_id,
                           sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
     vision = BlipVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
                               image_size=224, patch_size=16)
@@ -130,7 +131,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--labels", type=int, default=3000, help="labels kept per large list (artists, flavors)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="alchemy-bench-captioners-"))
