@@ -131,3 +131,22 @@ def test_cli_caption_and_interrogate(models, lists_dir, tmp_path, capsys):
     prompt = capsys.readouterr().out.strip()
     assert prompt.count(", ") >= 5 and "artist" in prompt and "medium" in prompt
     assert main(["caption", str(tmp_path / "missing"), "--blip-model", str(blip)]) == 1
+
+
+def test_bad_images_are_skipped_once_and_other_entries_kept(models, lists_dir, tmp_path):
+    from extensions_lib.errors import AlchemyError
+
+    folder = tmp_path / "mixed"
+    make_images(folder, 2)
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "meta_cap.json").write_text(json.dumps({"other": {"caption": "x", "tags": "y"}}), encoding="utf-8")
+    summary = run(folder, models, lists_dir, tmp_path, outputs=["kohya_json"])
+    assert summary.written == 2 and [s[0] for s in summary.skipped] == [str(folder / "broken.png")]
+    meta = json.loads((folder / "meta_cap.json").read_text(encoding="utf-8"))
+    assert meta["other"] == {"caption": "x", "tags": "y"} and set(meta) == {"other", "img0", "img1"}
+    assert not (folder / "img0.txt").exists()
+
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(AlchemyError, match="line 2") as err:
+        run(folder, models, lists_dir, tmp_path, outputs=["metadata_jsonl"])
+    assert err.value.path == str(folder / "metadata.jsonl")

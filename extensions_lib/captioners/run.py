@@ -324,7 +324,8 @@ class _Stages:
             try:
                 return item, decode_image(item.image, max_pixels=self.run.max_pixels)
             except ImageSkipped as exc:
-                self.summary.skipped.append((str(item.image), exc.reason))
+                if all(image != str(item.image) for image, _ in self.summary.skipped):  # once, not per stage
+                    self.summary.skipped.append((str(item.image), exc.reason))
                 return item, None
 
         with ThreadPoolExecutor(4) as pool:
