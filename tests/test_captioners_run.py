@@ -150,3 +150,15 @@ def test_bad_images_are_skipped_once_and_other_entries_kept(models, lists_dir, t
     with pytest.raises(AlchemyError, match="line 2") as err:
         run(folder, models, lists_dir, tmp_path, outputs=["metadata_jsonl"])
     assert err.value.path == str(folder / "metadata.jsonl")
+
+
+def test_unnamed_clip_weights_never_share_another_models_label_cache(models, tmp_path):
+    from extensions_lib.commands.captions import resolve_models
+    from extensions_lib.errors import AlchemyError
+
+    clip = models[1]
+    assert resolve_models(CaptionRunOptions(clip_path=clip)).clip_name == clip.name
+    named = resolve_models(CaptionRunOptions(clip_path=clip, clip_model="sd1"))
+    assert named.clip_name == "ViT-L-14/openai" and named.clip == clip
+    with pytest.raises(AlchemyError, match="not found"):
+        resolve_models(CaptionRunOptions(clip_model="sd2", models_dir=tmp_path))

@@ -85,7 +85,9 @@ class CaptionRunOptions:
     clip_model: str = option("", help="CLIP interrogator model: sd1 (ViT-L-14/openai), sd2 (ViT-H-14/"
                                       "laion2b_s32b_b79k) or an open_clip ARCH/TAG; empty = no CLIP terms", ui=False)
     clip_path: Optional[Path] = option(None, help="CLIP weights file (.pt/.bin/.safetensors) or open_clip folder "
-                                                  "(open_clip_config.json + weights) instead of --models-dir/clip",
+                                                  "(open_clip_config.json + weights) instead of --models-dir/clip; "
+                                                  "--clip-model then names it (e.g. ViT-L-14/openai, which also "
+                                                  "picks clip-interrogator's cache files), else its file name does",
                                        ui=False)
     tagger_model: str = option("", help="tagger for the tags part (as `alchemy tag --model`); its score cache is "
                                         "shared with `alchemy tag`", ui=False)

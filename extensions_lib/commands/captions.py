@@ -61,12 +61,17 @@ def resolve_models(run, *, report=_say):
                                       report=report)
     if run.blip_model:
         models.blip = resolve_blip(run.blip_model, models_dir, download=run.download, report=report)
-    if run.clip_model or run.clip_path:
-        models.clip_name = clip_name(run.clip_model or "sd1")
-        models.clip = (Path(run.clip_path) if run.clip_path else
-                       clip_weights_path(models.clip_name, models_dir, download=run.download, report=report))
+    if run.clip_path:
+        models.clip = Path(run.clip_path)
         if not models.clip.exists():
             raise AlchemyError("CLIP weights not found", models.clip, "check --clip-path")
+        # Unnamed weights get their file's name: label caches are then never mixed up with another model's
+        # (name them, e.g. --clip-model ViT-L-14/openai, to share clip-interrogator's cache files).
+        models.clip_name = clip_name(run.clip_model) if run.clip_model else (
+            models.clip.stem if models.clip.is_file() else models.clip.name)
+    elif run.clip_model:
+        models.clip_name = clip_name(run.clip_model)
+        models.clip = clip_weights_path(models.clip_name, models_dir, download=run.download, report=report)
     return models
 
 
