@@ -162,3 +162,37 @@ def test_unnamed_clip_weights_never_share_another_models_label_cache(models, tmp
     assert named.clip_name == "ViT-L-14/openai" and named.clip == clip
     with pytest.raises(AlchemyError, match="not found"):
         resolve_models(CaptionRunOptions(clip_model="sd2", models_dir=tmp_path))
+
+
+def test_tagger_tags_join_the_caption_from_the_shared_score_cache(models, tmp_path):
+    from tagger_models import make_wd14_folder
+
+    from extensions_lib.tagger import CaptionOptions, load_tagger, predict_images
+    from extensions_lib.tagger.captions import caption_tags
+
+    tagger_dir = make_wd14_folder(tmp_path / "wd")
+    folder = tmp_path / "tagged"
+    make_images(folder, 3)
+    seen = []
+
+    def go():
+        return caption_directory(folder, Models(tagger=tagger_dir, blip=models[0]),
+                                 CaptionRunOptions(cache_dir=tmp_path / "cache"),
+                                 ComposeOptions(trigger_words=["sks"], token_budget=0, existing_caption="overwrite"),
+                                 slot=ModelSlot(), blip_opts=BlipOptions(max_length=10),
+                                 tag_opts=CaptionOptions(general_threshold=0.2),
+                                 progress=lambda done, total: seen.append((done, total)))
+
+    first = go()
+    assert first.inferred["tags"] == 3 and seen[-1] == (9, 9) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    tagger = load_tagger(tagger_dir)
+    ims = [Image.open(folder / f"img{i}.png").convert("RGB") for i in range(3)]
+    scores = predict_images(tagger, ims)
+    sentences = load_blip(models[0], device="cpu").caption(ims, BlipOptions(max_length=10))
+    for i in range(3):
+        tags = caption_tags(scores[i], tagger.labels, CaptionOptions(general_threshold=0.2), tagger.default_thresholds)
+        assert tags, "the tiny tagger should give some tags at 0.2"
+        expected = compose(Parts(tags=tags, sentence=sentences[i]), ComposeOptions(trigger_words=["sks"], token_budget=0))
+        assert (folder / f"img{i}.txt").read_text(encoding="utf-8") == expected.text
+    again = go()
+    assert again.inferred["tags"] == 0 and again.from_cache["tags"] == 3
