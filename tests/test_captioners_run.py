@@ -78,7 +78,8 @@ def run(folder, models, lists_dir, tmp_path, slot=None, **compose_kw):
     blip, clip = models
     compose_kw.setdefault("outputs", ["txt", "kohya_json", "metadata_jsonl"])
     return caption_directory(folder, Models(blip=blip, clip=clip, clip_name="tiny/test"),
-                             CaptionRunOptions(labels_dir=lists_dir, cache_dir=tmp_path / "cache"),
+                             CaptionRunOptions(labels_dir=lists_dir, cache_dir=tmp_path / "cache",
+                                               labels_cache_dir=tmp_path / "ci-cache"),
                              ComposeOptions(trigger_words=["sks"], token_budget=60, **compose_kw),
                              slot=slot or ModelSlot(), blip_opts=BlipOptions(max_length=10),
                              clip_opts=InterrogateOptions(mode="fast", max_flavors=4))
@@ -91,6 +92,8 @@ def test_folder_run_writes_all_outputs_and_reruns_only_new_images(models, lists_
     summary = run(folder, models, lists_dir, tmp_path, slot)
     assert summary.written == 3 and summary.inferred == {"sentence": 3, "clip": 3}
     assert slot.events == [("get", "blip"), ("unload", "blip"), ("get", "clip")]  # one resident at a time
+    assert sorted(p.name for p in (tmp_path / "ci-cache").iterdir()) == [
+        f"tiny_test_{t}.safetensors" for t in ("artists", "flavors", "mediums", "movements", "trendings")]
 
     sentences = load_blip(models[0], device="cpu").caption(
         [Image.open(folder / f"img{i}.png").convert("RGB") for i in range(3)], BlipOptions(max_length=10))

@@ -97,6 +97,9 @@ class CaptionRunOptions:
     labels_dir: Optional[Path] = option(None, help="folder with the interrogator's label lists (artists.txt, "
                                                    "flavors.txt, mediums.txt, movements.txt, negative.txt) "
                                                    "[default: the shipped clip-interrogator lists]", ui=False)
+    labels_cache_dir: Optional[Path] = option(None, help="where the label tables' text embeddings are cached "
+                                                        "[default: <cache dir>/clip-interrogator]; clip-interrogator's "
+                                                        "own cache folder works as it is", ui=False)
     recursive: bool = option(False, help="also caption images in sub-folders")
     output_dir: Optional[Path] = option(None, help="write captions here, mirroring the input folders", ui=False)
     caption_extension: str = option(".txt", help="caption file extension")

@@ -433,7 +433,7 @@ class _Stages:
             return
         if self.report:
             self.report("preparing the label tables (cached after the first run)")
-        tables = clip.tables(lists_dir=self.run.labels_dir, cache_dir=self.cache_root / "clip-interrogator",
+        tables = clip.tables(lists_dir=self.run.labels_dir, cache_dir=self.run.labels_cache_dir or self.cache_root / "clip-interrogator",
                              chunk_size=opts.chunk_size, names=tables_for(opts.mode))
         prompter = Prompter(clip, tables, opts)
         for item in todo:
