@@ -19,6 +19,7 @@ BEFORE_METHODS = [
 ]
 AFTER_METHODS = [
     "extensions_lib.commands.dataset",     # tag, preprocess
+    "extensions_lib.commands.captions",    # caption, interrogate
     "extensions_lib.commands.demo",        # demo (the README's first command)
     "extensions_lib.commands.ui",          # ui (standalone gradio app)
 ]

@@ -12,6 +12,7 @@ Every route runs the same job functions as the tabs (``extensions_lib.jobs.datas
                                              (its create options, or the WebUI's /sdapi/v1/create names)
     POST /alchemy/v1/train/{method}          {"options": {...}, "wait"?} -> 202 job; one route per
                                              registered method (embedding, hypernetwork, ...)
+    POST /alchemy/v1/caption/{image|folder}  BLIP / CLIP-interrogator captions (see host/caption_api.py)
     POST /alchemy/v1/jobs/stop               stop the running job (it saves first)
     GET  /alchemy/v1/jobs/current            the current or last job
     GET  /alchemy/v1/jobs/{job_id}           that job, while it is the current or last one
@@ -389,6 +390,8 @@ def register(app, api: AlchemyApi, prefix: str = PREFIX, *, credentials: dict[st
               ("GET", "/jobs/{job_id}", job_route)]
     from .dataset_tools_api import routes as dataset_tool_routes  # tag editor, faces, watermark, text
     routes += dataset_tool_routes(api, body_route)
+    from .caption_api import routes as caption_routes  # POST /caption/image, /caption/folder
+    routes += caption_routes(api, body_route)
     for method, path, endpoint in routes:
         app.add_api_route(prefix + path, endpoint, methods=[method], dependencies=dependencies)
 

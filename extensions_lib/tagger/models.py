@@ -226,7 +226,8 @@ def load_tagger(folder: str | os.PathLike, *, device: str = "auto", device_id: i
 
 
 class ModelSlot:
-    """Holds at most one loaded tagger: loading another unloads the first, `unload()` frees it."""
+    """Holds at most one loaded model (a tagger, or a captioner from `extensions_lib.captioners` passed
+    as `loader`): loading another unloads the first, `unload()` frees it."""
 
     def __init__(self, loader: Callable[..., Tagger] = load_tagger):
         self._loader = loader
@@ -237,12 +238,14 @@ class ModelSlot:
     def current(self) -> Tagger | None:
         return self._tagger
 
-    def get(self, folder: str | os.PathLike, **kwargs) -> Tagger:
-        key = (str(Path(folder).resolve()), tuple(sorted((k, v) for k, v in kwargs.items() if k != "report")))
+    def get(self, folder: str | os.PathLike, *, loader: Callable | None = None, **kwargs) -> Tagger:
+        loader = loader or self._loader
+        key = (getattr(loader, "__qualname__", repr(loader)), str(Path(folder).resolve()),
+               tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k != "report")))
         if self._tagger is not None and self._key == key:
             return self._tagger
         self.unload()
-        self._tagger = self._loader(folder, **kwargs)
+        self._tagger = loader(folder, **kwargs)
         self._key = key
         return self._tagger
 

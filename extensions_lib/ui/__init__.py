@@ -63,6 +63,7 @@ def build_dataset_tabs(runner: JobRunner, context: UIContext) -> None:
     inside an open ``gr.Tabs``."""
     import gradio as gr
 
+    from .tab_captions import build_captions
     from .tab_checks import build_checks
     from .tab_preprocess import build_preprocess
     from .tab_tag_editor import build_tag_editor
@@ -72,6 +73,8 @@ def build_dataset_tabs(runner: JobRunner, context: UIContext) -> None:
         build_tagger(runner, context)
     with gr.Tab("Preprocess", id="alchemy_preprocess_tab", elem_id="alchemy_preprocess_tab"):
         build_preprocess(runner, context)
+    with gr.Tab("Captions", id="alchemy_captions_tab", elem_id="alchemy_captions_tab"):
+        build_captions(runner, context)
     with gr.Tab("Tag editor", id="alchemy_tag_editor_tab", elem_id="alchemy_tag_editor_tab"):
         build_tag_editor(context)
     with gr.Tab("Checks", id="alchemy_checks_tab", elem_id="alchemy_checks_tab"):
