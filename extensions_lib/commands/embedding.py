@@ -118,19 +118,26 @@ def run_list(args: argparse.Namespace) -> int:
 # ---- train ----------------------------------------------------------------------------------------------------
 
 def run_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ..backend.standalone import load_model
     from ..embeddings.method import check_schedules
     from ..embeddings.options import EmbeddingTrainOptions
     from ..embeddings.session import TrainingSession
 
+    return train_in_session(args, EmbeddingTrainOptions, TrainingSession, check_schedules, "embedding train")
+
+
+def train_in_session(args: argparse.Namespace, options_cls: type, session_cls: type, check, command_name: str) -> int:
+    """``train`` of a method built on :class:`~extensions_lib.embeddings.session.TrainingSession` (`session_cls`):
+    `check(options)` runs before the slow model load."""
+    from tqdm import tqdm
+
+    from ..backend.standalone import load_model
+
     command = from_cli(ModelCommand, args)
-    opts = training_options(EmbeddingTrainOptions, args)
+    opts = training_options(options_cls, args)
     ckpt = require_checkpoint(command.ckpt)
-    check_schedules(opts)  # before the slow model load
+    check(opts)
     adapter = load_model(ckpt, device=device_name(command.device))
-    with TrainingSession(adapter, opts) as session:
+    with session_cls(adapter, opts) as session:
         with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
             def encoded(done: int, total: int) -> None:
                 bar.total = total
@@ -142,7 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
             result = session.train(callbacks=progress)
         for warning in result.warnings:
             print(f"alchemy: warning: {warning}", file=sys.stderr)
-        return report_result(result, "embedding train", ckpt)
+        return report_result(result, command_name, ckpt)
 
 
 # ---- txt2img ----------------------------------------------------------------------------------------------------
