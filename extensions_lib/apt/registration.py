@@ -6,7 +6,7 @@ from ..methods.registry import MethodSpec
 from .options import AptCreateOptions, AptTrainOptions
 
 METHOD = MethodSpec(
-    key="apt", title="APT", noun="APT embedding pair",
+    key="apt", title="APT", noun="APT pair",
     train_options=AptTrainOptions, name_option="embedding_name",
     folder="embeddings", folder_option="embeddings_dir",
     train_job="extensions_lib.apt.jobs:train_apt_file",

@@ -1,4 +1,4 @@
-"""The "Train APT embedding pair" sub-tab: the embeddings tab's layout, listing only positives whose
+"""The "Train APT pair" sub-tab: the embeddings tab's layout, listing only positives whose
 ``-neg`` partner is in the folder."""
 from __future__ import annotations
 
@@ -37,5 +37,5 @@ def build_train_apt(runner: JobRunner, context: UIContext, method: MethodSpec) -
     listing = FolderListing(PairLibrary, context.embeddings_dir, embedding_rows,
                             elem_id=f"alchemy_{method.train_panel}_list",
                             empty=f"No APT pairs (<name> with <name>{NEG_SUFFIX}) in {context.embeddings_dir} yet: "
-                                  "create one in the Create APT embedding pair tab.")
+                                  "create one in the Create APT pair tab.")
     build_train_tab(runner, context, TrainTabSpec.of(method, listing))
