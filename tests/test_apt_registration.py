@@ -114,3 +114,39 @@ def test_train_tab_lists_only_complete_pairs(tiny_model, tmp_path):
         assert f"alchemy_train_apt_{option}" in by_id
     assert "alchemy_create_apt_init_text_neg" in by_id and "alchemy_create_apt_start" in by_id
     assert torch.is_grad_enabled()
+
+
+def test_pair_created_and_trained_in_the_webui_with_reconstruction_reaches_the_hosts_prompts(tmp_path,
+                                                                                             tiny_checkpoint):
+    from extensions_lib.apt.jobs import create_apt_files, train_apt_file
+    from extensions_lib.apt.options import AptCreateOptions
+    from extensions_lib.jobs.training import CreateRequest, TrainRequest
+    from test_webui_jobs import _extension
+    from train_fakes import make_folder
+    from webui_standin.harness import standin_host
+
+    with standin_host(tmp_path) as host:
+        extension = _extension(host)
+        model = host.load_model(tiny_checkpoint("sd1"))
+        runner = extension.runner
+        created = runner.wait(runner.start(create_apt_files, CreateRequest(AptCreateOptions(name="zqart", seed=1),
+                                                                           extension.context()),
+                                           title="Creating zqart", panel="create_apt"), 60)
+        assert created.state == "done", created.error
+        db = host.sd_hijack.model_hijack.embedding_db
+        start = {n: db.word_embeddings[n].vec.clone() for n in ("zqart", "zqart-neg")}  # the host saw both
+        unet = [p for p in model.model.parameters()]
+        assert all(p.requires_grad for p in unet)  # as the real host leaves it
+
+        data = make_folder(tmp_path / "data", n=2, size=(64, 64))
+        options = AptTrainOptions(embedding_name="zqart", data_root=str(data), training_width=64, training_height=64,
+                                  steps=2, save_every=0, create_image_every=0, seed=3, reconstruction=True)
+        trained = runner.wait(runner.start(train_apt_file, TrainRequest(options, extension.context()),
+                                           title="Training zqart", panel="train_apt"), 300)
+        assert trained.state == "done", trained.error
+        for name, vec in start.items():
+            after = db.word_embeddings[name]
+            assert after.step == 2 and not torch.equal(after.vec, vec)  # reloaded with the trained vectors
+        assert all(p.requires_grad and p.grad is None for p in unet)  # frozen for the run only, no stray grads
+        assert all(p.grad is None for p in model.first_stage_model.parameters())
+        assert not any("forward" in vars(m) for m in model.first_stage_model.modules())  # checkpointing undone

@@ -43,26 +43,36 @@ def _checkpointed(block: nn.Module):
 
 
 @contextlib.contextmanager
+def frozen(modules: list[nn.Module]) -> Iterator[None]:
+    """Inside: no parameter of `modules` requires grad (a host may leave e.g. its UNet trainable, and
+    backward would then fill gradients for all of it); restored on exit."""
+    trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
 def decoder_for_backward(vae: nn.Module | None, checkpointing: bool = True) -> Iterator[list[nn.Module]]:
     """Inside: `vae` frozen and (with `checkpointing`) its decoder's blocks checkpointed; yields the blocks."""
     if vae is None:
         yield []
         return
-    trainable = [p for p in vae.parameters() if p.requires_grad]
     decoder = getattr(vae, "decoder", None)
     blocks = innermost_blocks(decoder) if checkpointing and decoder is not None else []
     patched = []
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        for block in blocks:
-            if "forward" in vars(block):
-                continue  # someone else's instance patch: leave that block alone
-            block.forward = _checkpointed(block)
-            patched.append(block)
-        yield patched
-    finally:
-        for block in patched:
-            del block.forward
-        for p in trainable:
-            p.requires_grad_(True)
+    with frozen([vae]):
+        try:
+            for block in blocks:
+                if "forward" in vars(block):
+                    continue  # someone else's instance patch: leave that block alone
+                block.forward = _checkpointed(block)
+                patched.append(block)
+            yield patched
+        finally:
+            for block in patched:
+                del block.forward

@@ -1,7 +1,8 @@
 """The entry point of APT training: textual inversion's :class:`~extensions_lib.embeddings.session.
 TrainingSession` (embedding patch, parts out of memory, restored exactly afterwards) building an
 :class:`~.method.Apt`; with the reconstruction loss the VAE stays put and its decoder is set up for
-backpropagation (:mod:`.decoder_checkpoint`) for the run."""
+backpropagation (:mod:`.decoder_checkpoint`) for the run. The model's parameters are frozen meanwhile (the
+WebUI leaves its UNet's trainable): only the two embeddings collect gradients."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ from typing import Callable
 
 from ..embeddings.session import TrainingSession
 from ..train.loop import TrainResult
-from .decoder_checkpoint import decoder_for_backward
+from .decoder_checkpoint import decoder_for_backward, frozen
 from .method import Apt, prepare
 from .options import AptTrainOptions
 
@@ -25,10 +26,11 @@ class AptSession(TrainingSession):
         return self.method
 
     def train(self, callbacks=(), cancel=None) -> TrainResult:
-        vae = self.adapter.modules().get("vae") if self.options.reconstruction else None
+        modules = self.adapter.modules()
+        vae = modules.get("vae") if self.options.reconstruction else None
         ready = decoder_for_backward(vae, self.options.decoder_checkpointing) if vae is not None else \
             contextlib.nullcontext()
-        with ready:
+        with frozen([m for m in modules.values() if m is not None]), ready:
             return super().train(callbacks, cancel)
 
 
