@@ -55,7 +55,7 @@ def guided_heldout_loss(adapter, method, images: list[Image.Image], scale: float
     with torch.no_grad(), patch_text_encoders(adapter):
         latents = adapter.encode_images(pixels).mode()
         cond_neg, cond_pos = (c.expand(len(images), -1, -1) for c in
-                              method.conditioning([f"a photo of {NEG}"], [f"a photo of {NAME}"]))
+                              method.conditioning_pair([f"a photo of {NEG}"], [f"a photo of {NAME}"]))
         total, steps = 0.0, [50, 150, 300, 450, 600, 750, 900]
         for t in steps:
             noise = torch.randn(latents.shape, generator=generator)
@@ -197,7 +197,7 @@ def test_negative_rate_multiplier_holds_through_schedule_stages_and_each_embeddi
 
     def record(optimizer, args, kwargs) -> None:
         rates.append([g["lr"] for g in optimizer.param_groups])
-        norms.append([float(torch.linalg.vector_norm(h.parameters()[0].grad)) for h in (method.pos, method.neg)])
+        norms.append([float(torch.linalg.vector_norm(h.vectors[""].grad)) for h in (method.pos, method.neg)])
 
     method.create_optimizer = create
     train_apt(model, opts, method=method)

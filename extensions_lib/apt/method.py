@@ -1,8 +1,8 @@
 """APT training as a :class:`~extensions_lib.train.loop.TrainingMethod`.
 
-The two embeddings are textual inversion's trained halves (:class:`~extensions_lib.embeddings.method.
-TextualInversion`: vectors, snapshots, host-format saving); this module adds what APT changes: one
-text-encoder call with a matcher that knows both names, the guided loss (:mod:`.guided`), the negative's
+:class:`Apt` is textual inversion of the positive (:class:`~extensions_lib.embeddings.method.TextualInversion`:
+vectors, snapshots, host-format saving, previews) with the negative's ``TextualInversion`` beside it; it adds what
+APT changes: one text-encoder call with a matcher that knows both names, the guided loss (:mod:`.guided`), the negative's
 learning-rate multiplier as a parameter group's ``lr_scale`` (the loop applies it at every update,
 through every schedule stage), each embedding's gradient clipped on its own before every update, the
 optional EMA, previews with ``{name}-neg`` as the negative prompt, and both files saved together.
@@ -13,9 +13,7 @@ embeddings inside the preview), and the final pair back in the embeddings folder
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,12 +23,9 @@ from ..embeddings.library import EmbeddingLibrary
 from ..embeddings.matcher import EmbeddingMatcher
 from ..embeddings.method import TextualInversion, check_schedules, final_path_for
 from ..errors import AlchemyError
-from ..formats.embedding_image import save_embedding_image
-from ..prompt import encode_prompts
-from ..sampling.infotext import save_png
-from ..sampling.txt2img import GenerationOptions, check_options, generate_from
+from ..formats.embedding import Embedding
+from ..sampling.txt2img import GenerationOptions, check_options
 from ..train.batches import build_training_data
-from ..train.preview import preview_generation
 from ..train.provenance import collect
 from .att_mask import is_mask_file
 from .cfg_scale import parse_cfg_scale
@@ -54,29 +49,27 @@ class Ema:
                     live.copy_(self.average[key])
 
 
-class Apt:
-    """Trains ``{name}`` and ``{name}-neg`` together (see the module docstring)."""
+class Apt(TextualInversion):
+    """Trains ``{name}`` and ``{name}-neg`` together (see the module docstring): textual inversion of the
+    positive (``self``, also ``self.pos``) with the negative's :class:`TextualInversion` (``self.neg``) beside it."""
 
     loss_csv_name = "prompt_tuning_loss.csv"
 
-    def __init__(self, adapter, options: AptTrainOptions, pos: TextualInversion, neg: TextualInversion, data: AptData,
-                 provenance):
-        self.adapter, self.options, self.pos, self.neg = adapter, options, pos, neg
-        self.name, self.data, self.provenance, self.device = pos.name, data, provenance, adapter.device
+    def __init__(self, adapter, options: AptTrainOptions, pos: Embedding, neg: TextualInversion, data: AptData,
+                 provenance, *, final_path: Path, devices: dict[str, torch.device] | None = None):
+        super().__init__(adapter, options, pos, data, provenance, final_path=final_path, devices=devices)
+        self.pos, self.neg = self, neg
         self.cfg = parse_cfg_scale(options.cfg_scale)
-        self.matcher = EmbeddingMatcher(adapter.tokenizer, [pos.trained, neg.trained])
+        self.matcher = EmbeddingMatcher(adapter.tokenizer, [self.trained, neg.trained])
         self.emas = [Ema(half.vectors, decay, every) for half, decay, every in
-                     ((pos, options.ema_decay, options.ema_replace_every),
+                     ((self, options.ema_decay, options.ema_replace_every),
                       (neg, options.ema_decay_neg, options.ema_replace_every_neg)) if decay < 1]
         self.optimizer: torch.optim.Optimizer | None = None
-        self.last_prompts: list[str] = []
-        self.away = None
-        """Parts moved out of memory while training (set by the session); previews bring them back."""
 
     # --- TrainingMethod ------------------------------------------------------------------------------
     def parameters(self) -> list[dict]:
         # weight_decay 0 as for textual inversion: decay would pull the vectors away from real tokens.
-        return [{"params": self.pos.parameters(), "lr_scale": 1.0, "weight_decay": 0.0},
+        return [{"params": super().parameters(), "lr_scale": 1.0, "weight_decay": 0.0},
                 {"params": self.neg.parameters(), "lr_scale": self.options.neg_lr_scale, "weight_decay": 0.0}]
 
     def create_optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -87,19 +80,18 @@ class Apt:
         return self.optimizer
 
     def clip_gradients(self) -> None:
-        for half in (self.pos, self.neg):
-            torch.nn.utils.clip_grad_norm_(half.parameters(), self.options.embedding_clip_norm)
+        for vectors in (super().parameters(), self.neg.parameters()):
+            torch.nn.utils.clip_grad_norm_(vectors, self.options.embedding_clip_norm)
 
-    def conditioning(self, negative_prompts: list[str], prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def conditioning_pair(self, negative_prompts: list[str], prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative, positive) conditioning from one text-encoder call on ``[negatives, positives]``."""
-        cond = encode_prompts(self.adapter, [*negative_prompts, *prompts], clip_skip=self.options.clip_skip,
-                              matcher=self.matcher)
+        cond = self.conditioning([*negative_prompts, *prompts])
         return cond[:len(negative_prompts)], cond[len(negative_prompts):]
 
     def loss(self, batch: AptBatch, step: int) -> torch.Tensor:
-        self.pos.check_prompts(batch.prompts)
+        self.check_prompts(batch.prompts)
         self.last_prompts = list(batch.prompts)
-        cond_neg, cond_pos = self.conditioning(batch.negative_prompts, batch.prompts)
+        cond_neg, cond_pos = self.conditioning_pair(batch.negative_prompts, batch.prompts)
         on_device = batch.to(self.device)
         o = self.options
         return apt_loss(self.adapter, on_device.latents, cond_neg, cond_pos, self.cfg, generator=batch.generator,
@@ -112,53 +104,35 @@ class Apt:
             ema.update(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pos": self.pos.state_dict(), "neg": self.neg.state_dict(),
+        return {**super().state_dict(), "neg": self.neg.state_dict(),
                 "ema": [{k: v.clone() for k, v in ema.average.items()} for ema in self.emas]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pos.load_state_dict(state["pos"])
+        super().load_state_dict(state)
         self.neg.load_state_dict(state["neg"])
         for ema, average in zip(self.emas, state.get("ema", [])):
             for key, value in average.items():
                 ema.average[key].copy_(value)
 
-    def output_path(self, log_dir: Path, step: int | None) -> Path:
-        return self.pos.output_path(log_dir, step)
-
     def negative_path(self, path: Path) -> Path:
         """The negative's file beside the positive's `path` (``x-500.pt`` → ``x-500-neg.pt``)."""
         path = Path(path)
-        return self.neg.final_path if path == self.pos.final_path else path.with_name(
+        return self.neg.final_path if path == self.final_path else path.with_name(
             f"{path.stem}{NEG_SUFFIX}{path.suffix}")
 
     def save(self, path: Path, step: int, optimizer_state: dict | None = None) -> None:
         self.neg.save(self.negative_path(path), step)
-        self.pos.save(path, step)
+        super().save(path, step)
 
     def preview_options(self, step: int) -> GenerationOptions:
-        prompt = self.last_prompts[0] if self.last_prompts else self.name
-        opts = preview_generation(self.options, prompt)
+        opts = super().preview_options(step)
         if self.options.preview_from_txt2img:
             return opts
-        return dataclasses.replace(opts, negative=self.data.negative_prompt(prompt), cfg_scale=self.cfg.mean())
+        return dataclasses.replace(opts, negative=self.data.negative_prompt(opts.prompt), cfg_scale=self.cfg.mean())
 
-    def preview(self, step: int, directory: Path) -> Path | None:
-        encode_fn = functools.partial(encode_prompts, matcher=self.matcher)
-        with self.away.present_for() if self.away is not None else contextlib.nullcontext():
-            image = generate_from(self.adapter, self.preview_options(step), encode_fn=encode_fn)[0]
-        path = Path(directory) / f"{self.name}-{step}.png"
-        save_png(image, path)
-        if self.options.save_image_with_stored_embedding:
-            folder = Path(directory).parent / "image_embeddings"
-            for half, name in ((self.pos, f"{self.name}-{step}"), (self.neg, f"{self.name}-{step}{NEG_SUFFIX}")):
-                embedding = half.snapshot(name, step)
-                if embedding.is_sdxl:
-                    break  # the image forms hold one tensor; SDXL pairs live in .safetensors only
-                try:
-                    save_embedding_image(embedding, folder / f"{name}.png", preview=image)
-                except AlchemyError:  # the preview's edges decode as black: keep the text chunk only
-                    save_embedding_image(embedding, folder / f"{name}.png", preview=image, pixels=False)
-        return path
+    def _save_image_embedding(self, image, path: Path, step: int) -> None:
+        super()._save_image_embedding(image, path, step)
+        self.neg.save_image_embedding_as(f"{self.name}-{step}{NEG_SUFFIX}", image, self.negative_path(path), step)
 
 
 def prepare(adapter, options: AptTrainOptions, on_progress: Callable[[int, int], None] | None = None, *,
@@ -186,11 +160,11 @@ def prepare(adapter, options: AptTrainOptions, on_progress: Callable[[int, int],
                                on_progress=on_progress)
     data = AptData(base, neg_name, masks=options.attention_masks, pixels=options.reconstruction)
     provenance = collect(adapter, data.dataset, source_note=options.source_note, method="apt")
-    halves = [TextualInversion(adapter, options, entry.embedding, data, provenance,
-                               final_path=final_path_for(entry.path), devices=devices)
-              for entry in (pos_entry, neg_entry)]
-    method = Apt(adapter, options, *halves, data, provenance)
+    neg = TextualInversion(adapter, options, neg_entry.embedding, data, provenance,
+                           final_path=final_path_for(neg_entry.path), devices=devices)
+    method = Apt(adapter, options, pos_entry.embedding, neg, data, provenance, final_path=final_path_for(pos_entry.path),
+                 devices=devices)
     caption = data.dataset.entries[0].caption
-    method.pos.check_prompts([line.replace("[filewords]", caption).replace("[name]", pos_entry.name)
+    method.check_prompts([line.replace("[filewords]", caption).replace("[name]", pos_entry.name)
                               for line in data.template.lines])
     return method
