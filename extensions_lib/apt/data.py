@@ -49,7 +49,7 @@ class AptData:
         return self.base.epoch(epoch)
 
     def negative_prompt(self, prompt: str) -> str:
-        return self._name.sub(self.neg_name.replace("\\", "\\\\"), prompt)
+        return self._name.sub(lambda _: self.neg_name, prompt)
 
     def make_batch(self, key: MicroBatch, rng: random.Random, generator: torch.Generator) -> AptBatch:
         batch = self.base.make_batch(key, rng, generator)
