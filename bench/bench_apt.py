@@ -1,14 +1,15 @@
-"""APT training step: one UNet call on the doubled batch (ours) against the naive way (a text-encoder call and a
-UNet call per prompt set), plus the peak memory of a reconstruction-loss step with and without decoder
+"""APT training step: one UNet call on the doubled batch (ours, "fused") against the naive way (a text-encoder call
+and a UNet call per prompt set), plus the peak memory of a reconstruction-loss step with and without decoder
 checkpointing.
 
-Every side runs ``alchemy apt train``'s entry point (:func:`extensions_lib.apt.session.train_apt`) on a model
-loaded from a real checkpoint file (random weights, written once to ``--cache``), CPU float32, in its own
-subprocess (peak RSS is per process). "naive" differs only in the method's loss: it encodes the negative and
-the positive prompts separately and runs the UNet twice (``guided_prediction(fused=False)``), the way the
-guided prediction is computed at sampling time without batching. Fused and naive alternate over rounds so load
-from other processes hits both alike; the step time is the median between the loop's progress callbacks.
-Target: fused/naive time <= 0.8.
+Every run goes through ``alchemy apt train``'s entry point (:func:`extensions_lib.apt.session.train_apt`'s session
+and the trainer core's loop) on a model loaded from a real checkpoint file (random weights, written once to
+``--cache``), CPU float32. "naive" differs only in the method's loss: it encodes the negative and the positive
+prompts separately and runs the UNet twice (``guided_prediction(fused=False)``). The two alternate step by step
+within one run (even steps fused, odd steps naive), so load from other processes on the machine hits both alike;
+each step is timed between the loop's progress callbacks, and the reported ratio is the median over adjacent
+(fused, naive) pairs. Target: fused/naive time <= 0.8. The reconstruction runs are separate processes (peak RSS
+is per process).
 
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_apt.py
 
@@ -80,6 +81,8 @@ def run_side(side: str, args, work: Path) -> dict:
     from extensions_lib.apt.session import AptSession
     from extensions_lib.backend.standalone import load_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     adapter = load_model(checkpoint(args.model, Path(args.cache)), dtype=torch.float32)
     built_rss = current_rss_bytes()
     (work / "data").mkdir()
@@ -88,28 +91,35 @@ def run_side(side: str, args, work: Path) -> dict:
         Image.fromarray(pixels).save(work / "data" / f"{i:02d}.png")
     (work / "template.txt").write_text("a photo of [name]\n", encoding="utf-8")
     create_pair(adapter, AptCreateOptions(name=TOKEN, seed=0), directory=work / "embeddings")
+    total = (2 if side == "paired" else 1) * (args.warmup + args.steps)  # steps in this run
     options = AptTrainOptions(
         embedding_name=TOKEN, embeddings_dir=str(work / "embeddings"), data_root=str(work / "data"),
         template_file=str(work / "template.txt"), training_width=args.size, training_height=args.size,
-        batch_size=args.batch, steps=args.warmup + args.steps, seed=0, save_every=0, create_image_every=0,
+        batch_size=args.batch, steps=total, seed=0, save_every=0, create_image_every=0,
         write_csv_every=0, save_resume_state=False, save_training_settings=False, log_directory=str(work / "logs"),
         reconstruction=side.startswith("rec"), decoder_checkpointing=side == "rec")
     marks: list[float] = []
     with AptSession(adapter, options) as session:
         method = session.prepare()
-        if side == "naive":
-            method.loss = naive_loss(method)
-        session.train(callbacks=lambda p: marks.append(time.perf_counter()) if p.loss is not None and p.saved is None
+        if side == "paired":
+            fused, naive = method.loss, naive_loss(method)
+            method.loss = lambda batch, step: (naive if step % 2 else fused)(batch, step)
+        session.train(callbacks=lambda p: marks.append(time.perf_counter()) if p.saved is None or p.step == 0
                       else None)
-    times = [b - a for a, b in zip(marks, marks[1:])][max(0, args.warmup - 1):]
-    return {"step_times": times, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "built_rss": built_rss}
+    # marks[0]: the start report; marks[k]: the end of step k (1-based), so step s (0-based) took marks[s+1]-marks[s].
+    times = [b - a for a, b in zip(marks, marks[1:])][:total]
+    result = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "built_rss": built_rss}
+    if side != "paired":
+        return {**result, "step_times": times[args.warmup:]}
+    pairs = [(times[s], times[s + 1]) for s in range(0, len(times) - 1, 2)][args.warmup:]
+    return {**result, "fused": [f for f, _ in pairs], "naive": [n for _, n in pairs],
+            "ratios": [f / n for f, n in pairs]}
 
 
 def spawn(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--size", str(args.size),
            "--batch", str(args.batch), "--images", str(args.images), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--cache", args.cache]
+           "--steps", str(args.steps), "--cache", args.cache, "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"{side} run failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
@@ -122,12 +132,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="training images are SIZE x SIZE")
     parser.add_argument("--batch", type=int, default=1, help="images per step (the UNet sees twice as many)")
     parser.add_argument("--images", type=int, default=2, help="dataset images")
-    parser.add_argument("--warmup", type=int, default=1, help="steps not timed in each run")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps in each run")
-    parser.add_argument("--rounds", type=int, default=2, help="subprocess runs per side, alternating")
+    parser.add_argument("--warmup", type=int, default=1, help="pairs (reconstruction runs: steps) not timed")
+    parser.add_argument("--steps", type=int, default=5, help="timed pairs (reconstruction runs: steps)")
+    parser.add_argument("--rounds", type=int, default=1, help="paired runs, each in its own subprocess")
     parser.add_argument("--no-reconstruction", action="store_true", help="skip the reconstruction-loss runs")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "alchemy-bench-apt"),
                         help="folder for the random-weight checkpoint (written once)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -136,30 +147,23 @@ def main() -> None:
         return
 
     checkpoint(args.model, Path(args.cache))
-    sides = ["naive", "fused"]
-    results: dict[str, list[dict]] = {side: [] for side in sides}
-    for i in range(args.rounds):
-        for side in (sides if i % 2 == 0 else sides[::-1]):
-            results[side].append(report(side, i, spawn(side, args)))
-    step = {s: statistics.median([t for r in rs for t in r["step_times"]]) for s, rs in results.items()}
-    ratio = step["fused"] / step["naive"]
-    print(f"\n{args.model} SD1.5 architecture, {args.size}x{args.size}, batch {args.batch}, CPU float32")
-    print(f"step time: naive {step['naive']:.3f}s, fused {step['fused']:.3f}s, fused/naive {ratio:.3f} "
-          f"(target <= {TIME_TARGET}: {'ok' if ratio <= TIME_TARGET else 'MISSED'})")
+    runs = [spawn("paired", args) for _ in range(args.rounds)]
+    fused, naive, ratios = ([x for r in runs for x in r[key]] for key in ("fused", "naive", "ratios"))
+    for i, (f, n, r) in enumerate(zip(fused, naive, ratios)):
+        print(f"pair {i + 1}: fused {f:.3f}s, naive {n:.3f}s, ratio {r:.3f}", flush=True)
+    ratio = statistics.median(ratios)
+    print(f"\n{args.model} SD1.5 architecture, {args.size}x{args.size}, batch {args.batch}, CPU float32, "
+          f"{len(ratios)} pairs of adjacent steps")
+    print(f"step time: naive median {statistics.median(naive):.3f}s, fused median {statistics.median(fused):.3f}s; "
+          f"fused/naive median of pair ratios {ratio:.3f} (target <= {TIME_TARGET}: "
+          f"{'ok' if ratio <= TIME_TARGET else 'MISSED'})")
     if not args.no_reconstruction:
         for side, label in (("rec", "with decoder checkpointing"), ("rec-plain", "without")):
-            res = report(side, 0, spawn(side, args))
+            res = spawn(side, args)
             print(f"reconstruction-loss step {label}: median {statistics.median(res['step_times']):.3f}s, peak RSS "
                   f"{res['peak_rss'] / 2**30:.2f} GiB ({(res['peak_rss'] - res['built_rss']) / 2**30:.2f} GiB above "
-                  "the loaded model)")
+                  "the loaded model)", flush=True)
     print("\nrerun: flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_apt.py " + " ".join(sys.argv[1:]))
-
-
-def report(side: str, round_: int, res: dict) -> dict:
-    print(f"round {round_ + 1} {side:9s}: median step {statistics.median(res['step_times']):.3f}s "
-          f"({', '.join(f'{t:.2f}' for t in res['step_times'])}), peak RSS {res['peak_rss'] / 2**30:.2f} GiB "
-          f"(model loaded {res['built_rss'] / 2**30:.2f} GiB)", flush=True)
-    return res
 
 
 if __name__ == "__main__":
