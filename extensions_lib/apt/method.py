@@ -152,7 +152,7 @@ def prepare(adapter, options: AptTrainOptions, on_progress: Callable[[int, int],
     library = EmbeddingLibrary.for_model(options.embeddings_dir, adapter)
     pos_entry = library.entry(options.embedding_name)
     neg_name = pos_entry.name + NEG_SUFFIX
-    if neg_name not in library.names():
+    if not any(e.name == neg_name for e in library.entries()):  # (an unusable one: entry() says why)
         raise AlchemyError(f"the negative embedding {neg_name!r} of {pos_entry.name!r} is missing", library.directory,
                            fix="create the pair with 'alchemy apt create' (or copy the -neg file beside it)")
     neg_entry = library.entry(neg_name)
@@ -166,5 +166,5 @@ def prepare(adapter, options: AptTrainOptions, on_progress: Callable[[int, int],
                  devices=devices)
     caption = data.dataset.entries[0].caption
     method.check_prompts([line.replace("[filewords]", caption).replace("[name]", pos_entry.name)
-                              for line in data.template.lines])
+                          for line in data.template.lines])
     return method
