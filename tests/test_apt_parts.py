@@ -221,3 +221,25 @@ def test_created_pair_loads_in_the_hosts_reader_with_noise_only_on_the_negative(
     st_pos, st_neg = create_pair(model, AptCreateOptions(name="zq2", file_format="safetensors"), directory=tmp_path)
     assert st_pos.suffix == st_neg.suffix == ".safetensors"
     assert read_embedding(st_neg).num_vectors == 6 and read_embedding(st_pos).name == "zq2"
+
+
+def test_innermost_blocks_of_an_ldm_shaped_decoder():
+    """The WebUI's ldm Decoder nests ``up[i].block[j]`` / ``up[i].attn[j]`` (called) inside ``up[i]`` (a plain
+    container, never called): only the called blocks are checkpointed."""
+    from torch import nn
+
+    from extensions_lib.apt.decoder_checkpoint import innermost_blocks
+
+    def level():
+        holder = nn.Module()
+        holder.block = nn.ModuleList([nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)])
+        holder.attn = nn.ModuleList([nn.Identity()])
+        holder.upsample = nn.Upsample(scale_factor=2)
+        return holder
+
+    decoder = nn.Module()
+    decoder.mid = nn.Conv2d(2, 2, 1)
+    decoder.up = nn.ModuleList([level(), level()])
+    blocks = innermost_blocks(decoder)
+    expected = [m for lvl in decoder.up for m in (*lvl.block, *lvl.attn)]
+    assert len(blocks) == 6 and {id(b) for b in blocks} == {id(m) for m in expected}
