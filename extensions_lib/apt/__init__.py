@@ -12,6 +12,6 @@ negative learns what to steer away from while the positive absorbs the concept.
 - ``create``: writes the pair.
 - ``guided``: the guided loss (and the naive two-call form the bench compares against).
 - ``data``: the dataset with negative prompts, mask weights and (for reconstruction) pixels.
-- ``decoder_checkpoint``: the VAE decoder set up for backpropagation (checkpointed, frozen), undone after.
+- ``decoder_checkpoint``: the VAE decoder checkpointed for the reconstruction loss's backward, undone after.
 - ``method``: the :class:`~extensions_lib.train.loop.TrainingMethod`; ``session``: the entry point.
 """

@@ -51,13 +51,9 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..embeddings.method import check_schedules
     from .cfg_scale import parse_cfg_scale
     from .options import AptTrainOptions
     from .session import AptSession
 
-    def check(options: AptTrainOptions) -> None:
-        parse_cfg_scale(options.cfg_scale)
-        check_schedules(options)
-
-    return train_in_session(args, AptTrainOptions, AptSession, check, "apt train")
+    return train_in_session(args, AptTrainOptions, AptSession, "apt train",
+                            check=lambda options: parse_cfg_scale(options.cfg_scale))

@@ -1,11 +1,11 @@
-"""The VAE decoder set up for backpropagation (APT's reconstruction loss), undone on exit.
+"""The VAE decoder checkpointed for backpropagation (APT's reconstruction loss), undone on exit.
 
 Decoding a 512² image keeps hundreds of MB of activations for backward. With checkpointing each of the
 decoder's innermost blocks (the elements of its innermost ``nn.ModuleList`` s: diffusers' resnets,
 attentions and upsamplers, ldm's ``up[i].block[j]`` / ``attn[j]``) keeps only its input and recomputes
 itself in the backward pass, so at most one block's activations are alive at a time. The same rule fits
-both backends' decoders without knowing their classes. The VAE's parameters are also frozen meanwhile
-(a host may leave them trainable): only the embeddings should collect gradients.
+both backends' decoders without knowing their classes. (The run set-up freezes the VAE's weights, as every
+model weight: only the embeddings collect gradients.)
 
 The blocks get an instance attribute ``forward`` that calls the class's forward through
 :func:`torch.utils.checkpoint.checkpoint`; exit deletes it, so the module is exactly as before.
@@ -43,36 +43,17 @@ def _checkpointed(block: nn.Module):
 
 
 @contextlib.contextmanager
-def frozen(modules: list[nn.Module]) -> Iterator[None]:
-    """Inside: no parameter of `modules` requires grad (a host may leave e.g. its UNet trainable, and
-    backward would then fill gradients for all of it); restored on exit."""
-    trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-
-
-@contextlib.contextmanager
-def decoder_for_backward(vae: nn.Module | None, checkpointing: bool = True) -> Iterator[list[nn.Module]]:
-    """Inside: `vae` frozen and (with `checkpointing`) its decoder's blocks checkpointed; yields the blocks."""
-    if vae is None:
-        yield []
-        return
+def checkpointed_decoder(vae: nn.Module) -> Iterator[list[nn.Module]]:
+    """Inside: the innermost blocks of ``vae.decoder`` checkpointed; yields them."""
     decoder = getattr(vae, "decoder", None)
-    blocks = innermost_blocks(decoder) if checkpointing and decoder is not None else []
     patched = []
-    with frozen([vae]):
-        try:
-            for block in blocks:
-                if "forward" in vars(block):
-                    continue  # someone else's instance patch: leave that block alone
-                block.forward = _checkpointed(block)
-                patched.append(block)
-            yield patched
-        finally:
-            for block in patched:
-                del block.forward
+    try:
+        for block in innermost_blocks(decoder) if decoder is not None else []:
+            if "forward" in vars(block):
+                continue  # someone else's instance patch: leave that block alone
+            block.forward = _checkpointed(block)
+            patched.append(block)
+        yield patched
+    finally:
+        for block in patched:
+            del block.forward

@@ -21,11 +21,12 @@ import torch
 
 from ..embeddings.library import EmbeddingLibrary
 from ..embeddings.matcher import EmbeddingMatcher
-from ..embeddings.method import TextualInversion, check_schedules, final_path_for
+from ..embeddings.method import TextualInversion, final_path_for
 from ..errors import AlchemyError
 from ..formats.embedding import Embedding
 from ..sampling.txt2img import GenerationOptions, check_options
 from ..train.batches import build_training_data
+from ..train.plan import RunPlan, plan_run
 from ..train.provenance import collect
 from .att_mask import is_mask_file
 from .cfg_scale import parse_cfg_scale
@@ -135,10 +136,13 @@ class Apt(TextualInversion):
         self.neg.save_image_embedding_as(f"{self.name}-{step}{NEG_SUFFIX}", image, self.negative_path(path), step)
 
 
-def prepare(adapter, options: AptTrainOptions, on_progress: Callable[[int, int], None] | None = None, *,
+def prepare(adapter, options: AptTrainOptions | RunPlan, on_progress: Callable[[int, int], None] | None = None, *,
             devices: dict[str, torch.device] | None = None) -> Apt:
     """Check the options and inputs, encode the dataset's latents and build the method; every check that
-    can fail runs before anything is written. `options.seed` must be resolved."""
+    can fail runs before anything is written. `options`: the run's options (a seed of -1 is resolved here) or
+    the :class:`~extensions_lib.train.plan.RunPlan` made of them."""
+    plan = plan_run(options)
+    options = plan.options
     if not options.embedding_name:
         raise AlchemyError("no embedding chosen", fix="give the name of the positive embedding (create the pair "
                                                       "first with 'alchemy apt create')")
@@ -146,7 +150,6 @@ def prepare(adapter, options: AptTrainOptions, on_progress: Callable[[int, int],
         raise AlchemyError("APT does not write .optim side files (one optimizer spans both embeddings)",
                            fix="turn off save_optimizer_state; the resume state keeps the optimizer (--resume)")
     parse_cfg_scale(options.cfg_scale)
-    check_schedules(options)
     check_options(GenerationOptions(width=options.training_width, height=options.training_height,
                                     sampler=options.preview_sampler))
     library = EmbeddingLibrary.for_model(options.embeddings_dir, adapter)
@@ -164,6 +167,7 @@ def prepare(adapter, options: AptTrainOptions, on_progress: Callable[[int, int],
                            final_path=final_path_for(neg_entry.path), devices=devices)
     method = Apt(adapter, options, pos_entry.embedding, neg, data, provenance, final_path=final_path_for(pos_entry.path),
                  devices=devices)
+    method.plan = neg.plan = plan
     caption = data.dataset.entries[0].caption
     method.check_prompts([line.replace("[filewords]", caption).replace("[name]", pos_entry.name)
                           for line in data.template.lines])

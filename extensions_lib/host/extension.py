@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AlchemyError
+from ..library_cache import LibraryCache
 from . import settings as st
 from .handles import HostHandles
 from .jobs import HostJobRunner
@@ -43,7 +44,7 @@ class AlchemyExtension:
         self.embeddings = EmbeddingWiring(handles.embedding_db, handles.model_loaded)
         self.hypernetworks = HypernetworkWiring(handles.shared, self.hypernetwork_library, self.watch.adapter,
                                                 handles.has_hypernetwork_path())
-        self._hn_libraries: dict[Path, Any] = {}
+        self._hn_libraries = LibraryCache(_hypernetwork_library)
         self._tagger_slot = None
         self.problems: list[str] = []
         """Things the user should know (settings that were ignored, host parts missing), shown in our tab."""
@@ -58,15 +59,7 @@ class AlchemyExtension:
                                   models=self.h.models_path(), data=self.h.data_path())
 
     def hypernetwork_library(self):
-        from ..hypernetworks.library import HypernetworkLibrary
-
-        folder = self.folders().hypernetworks
-        library = self._hn_libraries.get(folder)
-        if library is None:
-            library = self._hn_libraries[folder] = HypernetworkLibrary(folder)
-        else:
-            library.refresh()
-        return library
+        return self._hn_libraries.get(self.folders().hypernetworks)
 
     def context(self, preview_params=None):
         """The :class:`~extensions_lib.jobs.context.UIContext` the tabs and the API work with, from the
@@ -229,6 +222,12 @@ class AlchemyExtension:
         out += [{"name": name, "file": path, "widths": [], "usable": True, "reason": None}
                 for name, path in self.hypernetworks.host_names().items() if name not in mine]
         return out
+
+
+def _hypernetwork_library(folder: Path):
+    from ..hypernetworks.library import HypernetworkLibrary
+
+    return HypernetworkLibrary(folder)
 
 
 def _error_html(what: str, exc: BaseException) -> str:
