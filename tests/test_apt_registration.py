@@ -2,6 +2,7 @@
 the API train route, saved training settings, and the Create/Train sub-tabs (the pair listing)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -116,7 +117,8 @@ def test_train_tab_lists_only_complete_pairs(tiny_model, tmp_path):
     assert torch.is_grad_enabled()
 
 
-def test_pair_created_and_trained_in_the_webui_with_reconstruction_reaches_the_hosts_prompts(tmp_path,
+@pytest.mark.parametrize("medvram", [False, True], ids=["plain", "medvram"])
+def test_pair_created_and_trained_in_the_webui_with_reconstruction_reaches_the_hosts_prompts(tmp_path, medvram,
                                                                                              tiny_checkpoint):
     from extensions_lib.apt.jobs import create_apt_files, train_apt_file
     from extensions_lib.apt.options import AptCreateOptions
@@ -125,7 +127,7 @@ def test_pair_created_and_trained_in_the_webui_with_reconstruction_reaches_the_h
     from train_fakes import make_folder
     from webui_standin.harness import standin_host
 
-    with standin_host(tmp_path) as host:
+    with standin_host(tmp_path, medvram=medvram) as host:
         extension = _extension(host)
         model = host.load_model(tiny_checkpoint("sd1"))
         runner = extension.runner
@@ -141,12 +143,18 @@ def test_pair_created_and_trained_in_the_webui_with_reconstruction_reaches_the_h
         data = make_folder(tmp_path / "data", n=2, size=(64, 64))
         options = AptTrainOptions(embedding_name="zqart", data_root=str(data), training_width=64, training_height=64,
                                   steps=2, save_every=0, create_image_every=0, seed=3, reconstruction=True)
+        if medvram:  # parts parked while others run: the reconstruction loss is refused, the rest trains
+            refused = runner.wait(runner.start(train_apt_file, TrainRequest(options, extension.context()),
+                                               title="Training zqart", panel="train_apt"), 300)
+            assert refused.state == "failed" and "--medvram" in refused.error
+            options = dataclasses.replace(options, reconstruction=False)
         trained = runner.wait(runner.start(train_apt_file, TrainRequest(options, extension.context()),
                                            title="Training zqart", panel="train_apt"), 300)
         assert trained.state == "done", trained.error
         for name, vec in start.items():
             after = db.word_embeddings[name]
             assert after.step == 2 and not torch.equal(after.vec, vec)  # reloaded with the trained vectors
+        unet = list(model.model.parameters())  # (a --medvram host may have swapped the parameter objects)
         assert all(p.requires_grad and p.grad is None for p in unet)  # frozen for the run only, no stray grads
-        assert all(p.grad is None for p in model.first_stage_model.parameters())
+        assert all(p.grad is None for p in model.first_stage_model.parameters() if not p.is_meta)
         assert not any("forward" in vars(m) for m in model.first_stage_model.modules())  # checkpointing undone

@@ -150,6 +150,11 @@ def prepare(adapter, options: AptTrainOptions | RunPlan, on_progress: Callable[[
         raise AlchemyError("APT does not write .optim side files (one optimizer spans both embeddings)",
                            fix="turn off save_optimizer_state; the resume state keeps the optimizer (--resume)")
     parse_cfg_scale(options.cfg_scale)
+    if options.reconstruction and getattr(adapter, "moves_parts", False):
+        # The host parks the UNet while the VAE decodes; the backward pass then meets parked weights.
+        raise AlchemyError("the reconstruction loss needs the UNet and the VAE in memory together, but this model's "
+                           "parts are moved in and out by the host (--medvram / --lowvram) or loaded with offload",
+                           fix="turn off reconstruction, or run without --medvram/--lowvram (offload)")
     check_options(GenerationOptions(width=options.training_width, height=options.training_height,
                                     sampler=options.preview_sampler))
     library = EmbeddingLibrary.for_model(options.embeddings_dir, adapter)
