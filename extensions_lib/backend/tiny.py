@@ -67,9 +67,10 @@ def _random_weights(module: torch.nn.Module, component: str, generator: torch.Ge
     return out
 
 
-def tiny_state_dicts(family: str, seed: int = 0) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
-    """Random diffusers-layout weights of the tiny `family` model plus its LDM extras."""
-    config = tiny_config(load_config(family))
+def tiny_state_dicts(family: str, seed: int = 0, *, tiny: bool = True) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
+    """Random diffusers-layout weights of the tiny `family` model (or, not `tiny`, the full-size one) plus
+    its LDM extras."""
+    config = tiny_config(load_config(family)) if tiny else load_config(family)
     generator = torch.Generator().manual_seed(seed)
     modules = build_modules(config)
     parts = {name: _random_weights(m, name, generator) for name, m in modules.items()}
@@ -93,15 +94,19 @@ def tiny_state_dicts(family: str, seed: int = 0) -> tuple[ModelConfig, dict[str,
     return config, parts
 
 
-def make_tiny_checkpoint(path: str | os.PathLike, family: str = "sd1", seed: int = 0) -> Path:
-    """Write a tiny LDM-layout checkpoint; ``.safetensors`` or ``.ckpt``/``.pt`` (``{"state_dict": ...}``)."""
+def make_tiny_checkpoint(path: str | os.PathLike, family: str = "sd1", seed: int = 0, *, tiny: bool = True,
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """Write a tiny LDM-layout checkpoint; ``.safetensors`` or ``.ckpt``/``.pt`` (``{"state_dict": ...}``).
+    tiny=False writes the full-size architecture with random weights (benchmarks), in `dtype`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".ckpt", ".pt"):
         raise AlchemyError(f"unsupported output type {suffix!r}", path, "name the file .safetensors or .ckpt")
-    config, parts = tiny_state_dicts(family, seed)
+    config, parts = tiny_state_dicts(family, seed, tiny=tiny)
     state_dict = keymap.convert_diffusers_state_dicts(parts, keymap.Layout.from_config(config))
-    state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    schedule = set(parts[keymap.EXTRA]) & {"alphas_cumprod", "alphas_cumprod_prev", "betas"}  # kept float32
+    state_dict = {k: (v.to(dtype) if v.is_floating_point() and k not in schedule else v).contiguous()
+                  for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         if suffix == ".safetensors":
             from safetensors.torch import save_file

@@ -118,18 +118,28 @@ def run_list(args: argparse.Namespace) -> int:
 # ---- train ----------------------------------------------------------------------------------------------------
 
 def run_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ..backend.standalone import load_model
     from ..embeddings.options import EmbeddingTrainOptions
     from ..embeddings.session import TrainingSession
 
+    return train_in_session(args, EmbeddingTrainOptions, TrainingSession, "embedding train")
+
+
+def train_in_session(args: argparse.Namespace, options_cls: type, session_cls: type, command_name: str,
+                     check=None) -> int:
+    """``train`` of a method built on :class:`~extensions_lib.embeddings.session.TrainingSession` (`session_cls`):
+    the plan, and `check(options)`, before the slow model load."""
+    from tqdm import tqdm
+
+    from ..backend.standalone import load_model
+
     command = from_cli(ModelCommand, args)
-    plan = training_plan(EmbeddingTrainOptions, args)
+    plan = training_plan(options_cls, args)
     opts = plan.options
+    if check is not None:
+        check(opts)
     ckpt = require_checkpoint(command.ckpt)
     adapter = load_model(ckpt, device=command.device)
-    with TrainingSession(adapter, plan) as session:
+    with session_cls(adapter, plan) as session:
         with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
             def encoded(done: int, total: int) -> None:
                 bar.total = total
@@ -141,7 +151,7 @@ def run_train(args: argparse.Namespace) -> int:
             result = session.train(callbacks=progress)
         for warning in result.warnings:
             print(f"alchemy: warning: {warning}", file=sys.stderr)
-        return report_result(result, "embedding train", ckpt)
+        return report_result(result, command_name, ckpt)
 
 
 # ---- txt2img ----------------------------------------------------------------------------------------------------

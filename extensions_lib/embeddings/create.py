@@ -89,6 +89,20 @@ def init_vectors(adapter, init_text: str, count: int) -> torch.Tensor | dict[str
     return result[""] if set(result) == {""} else result
 
 
+def check_free(directory: Path, name: str, target: Path, overwrite: bool) -> None:
+    """AlchemyError unless `target` may be written: no embedding below `directory` is called `name` (in any
+    format or sub-folder, or differing only in case, which the tokenizer cannot tell apart), except
+    `target` itself when `overwrite`."""
+    clashes = [e for e in EmbeddingLibrary(directory).entries() if e.name.lower() == name.lower()]
+    blocking = [e for e in clashes if not (overwrite and e.path == target)]
+    if blocking:
+        other = blocking[0]
+        fix = ("choose another name, or turn on overwrite to replace it" if other.path == target else
+               "choose another name, or remove or rename that file first (overwrite only replaces "
+               f"{target.name})")
+        raise AlchemyError(f"an embedding named {other.name!r} already exists", other.path, fix)
+
+
 def create_embedding(adapter, name: str, init_text: str = "*", vectors: int = 1, overwrite: bool = False, *,
                      directory: str | os.PathLike) -> Path:
     """Write ``<directory>/<name>.pt`` (``.safetensors`` for SDXL; step 0) with vectors from `init_text`; returns the path.
@@ -102,13 +116,6 @@ def create_embedding(adapter, name: str, init_text: str = "*", vectors: int = 1,
     # The host's .pt layout holds one tensor: SDXL pairs go to .safetensors.
     suffix = ".safetensors" if any(info.key for info in adapter.text_encoders) else ".pt"
     target = directory / f"{name}{suffix}"
-    clashes = [e for e in EmbeddingLibrary(directory).entries() if e.name.lower() == name.lower()]
-    blocking = [e for e in clashes if not (overwrite and e.path == target)]
-    if blocking:
-        other = blocking[0]
-        fix = ("choose another name, or turn on overwrite to replace it" if other.path == target else
-               "choose another name, or remove or rename that file first (overwrite only replaces "
-               f"{target.name})")
-        raise AlchemyError(f"an embedding named {other.name!r} already exists", other.path, fix)
+    check_free(directory, name, target, overwrite)
     embedding = Embedding(name=name, vectors=init_vectors(adapter, init_text, vectors), step=0)
     return write_embedding(embedding, target)

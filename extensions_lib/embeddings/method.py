@@ -159,7 +159,11 @@ class TextualInversion:
         return path
 
     def _save_image_embedding(self, image, path: Path, step: int) -> None:
-        embedding = self.snapshot(f"{self.name}-{step}", step)
+        self.save_image_embedding_as(f"{self.name}-{step}", image, path, step)
+
+    def save_image_embedding_as(self, name: str, image, path: Path, step: int) -> None:
+        """The current vectors, called `name`, inside the preview `image` at `path` (not for SDXL)."""
+        embedding = self.snapshot(name, step)
         if embedding.is_sdxl:
             return  # the image forms hold one tensor; SDXL pairs live in .safetensors only
         try:
