@@ -25,7 +25,9 @@ MIN_HISTORY = 5
 
 
 def weights_rms(params: Sequence[torch.Tensor]) -> float:
-    """Root mean square over every element of `params` (inf/nan when any element is)."""
+    """Root mean square over every element of `params` (inf/nan when any element is). Tensors a host has
+    parked on the meta device (the stand-in's ``--medvram`` swaps) hold no values and are left out."""
+    params = [p for p in params if not p.is_meta]
     count = sum(p.numel() for p in params)
     if not count:
         return 0.0
