@@ -1,0 +1,149 @@
+"""DreamBooth over the trainer core: :func:`train_dreambooth` and its :class:`DreamBoothMethod`.
+
+In a :class:`~extensions_lib.train.setup.RunSetup` (every model weight frozen first), LoRA mode wraps the
+UNet's transformer layers (and the text encoder's, when asked) with new LoRA layers and trains only those;
+full mode unfreezes the UNet (and the text encoder) and trains its weights, restoring the original weights
+afterwards unless ``keep_trained_weights``. Missing class images are generated first with the model as
+loaded. The loss is instance + λ·prior (:mod:`.loss`), with eps or v targets as the model predicts.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import AlchemyError
+from ..train.loop import TrainResult, train
+from ..train.plan import RunPlan, plan_run
+from ..train.provenance import Provenance, collect
+from ..train.setup import RunSetup
+from .class_images import generate_class_images
+from .concepts import concepts_from_options
+from .data import DreamBoothData, PriorBatch, build_dreambooth_data
+from .files import metadata, save_checkpoint, save_lora
+from .lora import LoraPatch, attach_lora
+from .loss import dreambooth_loss
+from .options import DreamBoothTrainOptions
+
+log = logging.getLogger(__name__)
+
+
+class DreamBoothMethod:
+    """The :class:`~extensions_lib.train.loop.TrainingMethod` of one DreamBooth run."""
+
+    loss_csv_name = "dreambooth_loss.csv"
+
+    def __init__(self, adapter, data: DreamBoothData, options: DreamBoothTrainOptions, provenance: Provenance,
+                 lora: LoraPatch | None = None):
+        self.adapter = adapter
+        self.data = data
+        self.options = options
+        self.provenance = provenance
+        self.lora = lora
+        self.name = options.model_name
+        self.device = adapter.device
+        self.last_losses: tuple[float, float | None] = (0.0, None)
+        """(instance, prior) loss of the last micro-batch, for logging and tests."""
+        modules = adapter.modules()
+        if lora is not None:
+            self._params = lora.parameters()
+        else:
+            trained = [modules["unet"]] + ([modules["text_encoder"]] if options.train_text_encoder else [])
+            self._params = [p for m in trained for p in m.parameters()]
+        self._cond_cache: dict[str, torch.Tensor] = {}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        from ..prompt import encode_prompts
+
+        if self.options.train_text_encoder:
+            return encode_prompts(self.adapter, list(prompts))
+        with torch.no_grad():  # frozen text encoder: each prompt is encoded once
+            for p in prompts:
+                if p not in self._cond_cache:
+                    self._cond_cache[p] = encode_prompts(self.adapter, [p])[0]
+            return torch.stack([self._cond_cache[p] for p in prompts])
+
+    def loss(self, batch: PriorBatch, step: int) -> torch.Tensor:
+        total, instance, prior = dreambooth_loss(
+            self.adapter, batch.latents.to(self.device), self.conditioning(batch.prompts), batch.prior,
+            self.options.prior_loss_weight, generator=batch.generator, min_snr_gamma=self.options.min_snr_gamma,
+            noise_offset=self.options.noise_offset)
+        self.last_losses = (instance, prior)
+        return total
+
+    # -- resume -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": [p.detach().cpu().clone() for p in self._params]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = state["params"]
+        if len(params) != len(self._params) or any(a.shape != b.shape for a, b in zip(params, self._params)):
+            raise AlchemyError("the resume state holds another model or LoRA structure",
+                               fix="resume with the options and model the run started with")
+        with torch.no_grad():
+            for mine, saved in zip(self._params, params):
+                mine.copy_(saved)
+
+    # -- files ------------------------------------------------------------------------------------------
+    def output_path(self, log_dir: Path, step: int | None) -> Path:
+        folder = self.options.lora_dir if self.lora is not None else self.options.checkpoints_dir
+        if step is None:
+            return Path(folder) / f"{self.name}.safetensors"
+        return Path(log_dir) / "models" / f"{self.name}-{step}.safetensors"
+
+    def save(self, path: Path, step: int, optimizer_state: dict | None = None) -> None:
+        meta = metadata(self.provenance, self.options, {"alchemy_step": str(step)})
+        if self.lora is not None:
+            save_lora(self.lora, path, meta, fp16=self.options.save_fp16)
+        else:
+            save_checkpoint(self.adapter, path, meta, fp16=self.options.save_fp16)
+
+    def preview(self, step: int, directory: Path) -> Path | None:
+        return None
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name or any(c in name for c in "/\\\0") or name in (".", ".."):
+        raise AlchemyError(f"output name {name!r} cannot be a file name",
+                           fix="give --model-name NAME (letters, digits, - and _)")
+    return name
+
+
+def train_dreambooth(adapter, options: DreamBoothTrainOptions | RunPlan, callbacks: Callable | Sequence[Callable] = (),
+                     cancel: Any = None, say: Callable[[str], None] | None = None) -> TrainResult:
+    """Run DreamBooth with `options` on `adapter`'s model; returns the loop's result."""
+    plan = plan_run(options)
+    options = plan.options
+    _check_name(options.model_name)
+    concepts = concepts_from_options(options)
+    for concept in concepts:
+        if concept.with_prior:
+            generate_class_images(adapter, concept, options, cancel=cancel)
+    with RunSetup(adapter) as setup:
+        data = build_dreambooth_data(adapter, options, concepts)
+        provenance = collect(adapter, data, source_note=options.source_note, method="dreambooth")
+        lora = None
+        modules = adapter.modules()
+        if options.mode == "lora":
+            parts = {"unet": modules["unet"]}
+            if options.train_text_encoder:
+                parts["text_encoder"] = modules["text_encoder"]
+            lora = attach_lora(parts, options.lora_rank, options.lora_alpha, options.lora_dropout)
+            setup.undo_with(lora.remove)
+            for layer in lora.layers.values():
+                layer.train()  # LoRA dropout on; the model itself stays in eval mode
+        else:
+            trained = [modules["unet"]] + ([modules["text_encoder"]] if options.train_text_encoder else [])
+            if not options.keep_trained_weights:
+                originals = [(m, {k: v.detach().clone() for k, v in m.state_dict().items()}) for m in trained]
+                setup.undo_with(lambda: [m.load_state_dict(sd) for m, sd in originals])
+            for m in trained:
+                m.requires_grad_(True)
+        method = DreamBoothMethod(adapter, data, options, provenance, lora)
+        return train(method, plan, callbacks, cancel)
