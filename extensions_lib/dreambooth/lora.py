@@ -36,6 +36,8 @@ class LoraLayer(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, multiplier: float = 1.0):
         super().__init__()
         self.base = base
+        while isinstance(base, LoraLayer):  # a second LoRA on the same layer stacks on the first
+            base = base.base
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False)
             self.up = nn.Linear(rank, base.out_features, bias=False)
@@ -167,7 +169,7 @@ def apply_lora_file(parts: dict[str, nn.Module], tensors: dict[str, torch.Tensor
         root = parts.get(key)
         if root is not None:
             for sub, layer in root.named_modules():
-                if isinstance(layer, (nn.Linear, nn.Conv2d)) and sub:
+                if isinstance(layer, (nn.Linear, nn.Conv2d, LoraLayer)) and sub and not sub.endswith(".base"):
                     layers[kohya_name(prefix, sub)] = (root, sub, layer)
     patch, missing = LoraPatch(), []
     for name, w in sorted(groups.items()):
