@@ -104,7 +104,7 @@ def _standalone(tiny_checkpoint, tmp_path):
     return nullcontext(adapter)
 
 
-def _standin(tiny_checkpoint, tmp_path):
+def _standin(tiny_checkpoint, tmp_path, medvram: bool = False):
     import contextlib
 
     from extensions_lib.host.webui_adapter import WebUIModelAdapter
@@ -112,11 +112,16 @@ def _standin(tiny_checkpoint, tmp_path):
 
     @contextlib.contextmanager
     def host_adapter():
-        with standin_host(tmp_path / "webui") as host:
+        with standin_host(tmp_path / "webui", medvram=medvram) as host:
             model = host.load_model(tiny_checkpoint("sd1"))
             yield WebUIModelAdapter(model, host.devices.device)
 
     return host_adapter()
+
+
+def _standin_medvram(tiny_checkpoint, tmp_path):
+    """The host parks parts itself (and swaps their parameter objects while doing so)."""
+    return _standin(tiny_checkpoint, tmp_path, medvram=True)
 
 
 def _train_embedding(adapter, tmp_path, callback):
@@ -156,14 +161,25 @@ def _train_hypernetwork(adapter, tmp_path, callback):
     return any(not torch.equal(a, b) for a, b in zip(start, after))
 
 
-@pytest.mark.parametrize("train", [_train_embedding, _train_hypernetwork], ids=["embedding", "hypernetwork"])
-@pytest.mark.parametrize("host", [_standalone, _standin], ids=["standalone", "standin"])
+HN_MEDVRAM = pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
+    "known, older than the run set-up: under the stand-in's --medvram the host parks the hypernetwork's layers "
+    "(attached inside the UNet) as meta tensors with the UNet, and the patch's .to() then fails"))
+
+
+@pytest.mark.parametrize("host, train", [
+    (_standalone, _train_embedding), (_standalone, _train_hypernetwork),
+    (_standin, _train_embedding), (_standin, _train_hypernetwork),
+    (_standin_medvram, _train_embedding), pytest.param(_standin_medvram, _train_hypernetwork, marks=HN_MEDVRAM),
+], ids=["standalone-embedding", "standalone-hypernetwork", "standin-embedding", "standin-hypernetwork",
+        "standin-medvram-embedding", "standin-medvram-hypernetwork"])
 def test_no_model_weight_gets_a_gradient_while_training(host, train, tiny_checkpoint, tmp_path):
     make_folder(tmp_path / "data", n=2, size=(64, 64))
     with host(tiny_checkpoint, tmp_path) as adapter:
-        params = {f"{part}.{name}": p for part, module in adapter.modules().items()
-                  for name, p in module.named_parameters()}
-        flags = {name: p.requires_grad for name, p in params.items()}
+        def params():  # looked up each time: a host parking parts may swap the parameter objects
+            return {f"{part}.{name}": p for part, module in adapter.modules().items()
+                    for name, p in module.named_parameters()}
+
+        flags = {name: p.requires_grad for name, p in params().items()}
         assert any(name.startswith("unet.") and flag for name, flag in flags.items())  # as the WebUI leaves it
         checked = []
 
@@ -171,10 +187,10 @@ def test_no_model_weight_gets_a_gradient_while_training(host, train, tiny_checkp
             if progress.loss is None:
                 return
             checked.append(progress.step)
-            with_grad = [name for name, p in params.items() if p.grad is not None or p.requires_grad]
+            with_grad = [name for name, p in params().items() if p.grad is not None or p.requires_grad]
             assert with_grad == [], f"model weights with a gradient during training: {with_grad[:5]}"
 
         assert train(adapter, tmp_path, after_step)  # what the method trains did move
         assert sorted(set(checked)) == [1, 2]  # (the last step is reported again when the run ends)
-        assert {name: p.requires_grad for name, p in params.items()} == flags  # restored exactly
-        assert all(p.grad is None for p in params.values())
+        assert {name: p.requires_grad for name, p in params().items()} == flags  # restored exactly
+        assert all(p.grad is None for p in params().values())

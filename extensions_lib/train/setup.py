@@ -34,8 +34,9 @@ def all_real(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def frozen(parts: list[nn.Module]):
     """Every parameter of `parts` without gradient and every module in eval mode inside the block; the
-    previous flags are restored exactly afterwards."""
-    grads = [(p, p.requires_grad) for part in parts for p in part.parameters()]
+    previous flags are restored exactly afterwards. Flags are restored by parameter name: a host that
+    parks parts (``--medvram`` hooks) may have replaced the parameter objects meanwhile."""
+    grads = [(part, {name: p.requires_grad for name, p in part.named_parameters()}) for part in parts]
     modes = [(m, m.training) for part in parts for m in part.modules()]
     for part in parts:
         part.requires_grad_(False)
@@ -43,8 +44,10 @@ def frozen(parts: list[nn.Module]):
     try:
         yield
     finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
+        for part, flags in grads:
+            for name, p in part.named_parameters():
+                if name in flags:
+                    p.requires_grad_(flags[name])
         for m, flag in modes:
             m.training = flag
 
