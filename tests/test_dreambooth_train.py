@@ -163,3 +163,28 @@ def test_learning_instance_loss_falls_and_prior_preservation_limits_drift(tmp_pa
     # Measured here: λ=1 drifts 0.80x as much as λ=0 (0.0369 vs 0.0461); on a random tiny model the effect is
     # modest, as λ=1 also goes on learning the class images themselves.
     assert drift[1.0] < 0.9 * drift[0.0], drift
+
+
+def test_cli_trains_a_lora_that_txt2img_applies(tmp_path, tiny_checkpoint, capsys):
+    from extensions_lib.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["dreambooth", "train", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--instance-prompt", "--class-prompt", "--prior-loss-weight", "--lora-rank", "--mode",
+                 "--concepts-file", "--save-fp16", "--resume"):
+        assert flag in help_text
+    make_folder(tmp_path / "inst", 2)
+    ckpt = tiny_checkpoint("sd1")
+    args = ["dreambooth", "train", "--ckpt", str(ckpt), "--model-name", "subj", "--data-root", str(tmp_path / "inst"),
+            "--instance-prompt", "a photo of sks thing", "--class-prompt", "a photo of thing", "--class-dir",
+            str(tmp_path / "cls"), "--num-class-images", "2", "--class-steps", "2", "--training-width", "64",
+            "--training-height", "64", "--steps", "3", "--seed", "4", "--lora-dir", str(tmp_path / "Lora"),
+            "--log-directory", str(tmp_path / "logs"), "--device", "cpu"]
+    assert main(args) == 0
+    assert count_images(tmp_path / "cls") == 2
+    assert (tmp_path / "Lora" / "subj.safetensors").is_file()
+    assert main(["txt2img", "--ckpt", str(ckpt), "--prompt", "a photo of sks thing", "--width", "64", "--height",
+                 "64", "--steps", "2", "--lora", "subj:0.8", "--lora-dir", str(tmp_path / "Lora"),
+                 "--out", str(tmp_path / "out.png")]) == 0
+    assert (tmp_path / "out.png").is_file()
