@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                            "the class as it was (loss = instance + λ·prior). LoRA mode writes "
                            "<lora dir>/<name>.safetensors for <lora:name:w>; full mode writes "
                            "<checkpoints dir>/<name>.safetensors. Ctrl-C stops at the next step and saves; "
-                           "--resume LOG_DIR continues exactly.")
+                           "--resume LOG_DIR continues exactly. Data-parallel: torchrun --nproc-per-node N -m "
+                           "extensions_lib dreambooth train ... (--batch-size per process; rank 0 writes).")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -39,11 +40,17 @@ def run_train(args: argparse.Namespace) -> int:
     from ..dreambooth.method import train_dreambooth
     from ..dreambooth.options import DreamBoothTrainOptions
 
+    from ..dreambooth.distributed import from_environment, local_device
+
     command = from_cli(TrainCommand, args)
     plan = training_plan(DreamBoothTrainOptions, args)
     concepts_from_options(plan.options)  # bad concepts are reported before the slow model load
     ckpt = require_checkpoint(command.ckpt)
-    adapter = load_model(ckpt, device=command.device)
+    shard = from_environment()  # started by torchrun with several processes
+    adapter = load_model(ckpt, device=local_device() if shard is not None else command.device)
+    if shard is not None and shard.rank != 0:
+        result = train_dreambooth(adapter, plan, shard=shard)
+        return 130 if result.interrupted else 0
     with step_bar(plan.options.steps, f"training {plan.options.model_name}") as progress:
-        result = train_dreambooth(adapter, plan, callbacks=progress)
+        result = train_dreambooth(adapter, plan, callbacks=progress, shard=shard)
     return report_result(result, "dreambooth train", ckpt)

@@ -25,6 +25,8 @@ from .concepts import Concept
 class PriorBatch(Batch):
     prior: int = 0
     """How many samples at the end of the batch are class images (weighted by the prior loss weight)."""
+    prior_rows: tuple[int, ...] = ()
+    """For each class sample, the row of the instance sample it was drawn for."""
 
 
 @dataclass
@@ -81,8 +83,8 @@ class DreamBoothData:
 
     def make_batch(self, key: MicroBatch, rng: random.Random, generator: torch.Generator) -> PriorBatch:
         latents, prompts, captions = [], [], []
-        class_latents, class_prompts = [], []
-        for g in key:
+        class_latents, class_prompts, prior_rows = [], [], []
+        for row, g in enumerate(key):
             c, i = self.index[g]
             data = self.concepts[c]
             caption = data.instances.entries[i].caption
@@ -94,9 +96,11 @@ class DreamBoothData:
                 k = rng.randrange(len(data.classes))
                 class_latents.append(data.class_latents.latents(k, generator))
                 class_prompts.append(data.concept.class_prompt)
+                prior_rows.append(row)
         return PriorBatch(latents=torch.stack(latents + class_latents), prompts=prompts + class_prompts,
                           captions=captions + class_prompts, indices=tuple(key), weights=None,
-                          generator=generator, prior=len(class_latents))
+                          generator=generator, prior=len(class_latents),
+                          prior_rows=tuple(prior_rows))
 
 
 def build_dreambooth_data(adapter, options, concepts: Sequence[Concept],

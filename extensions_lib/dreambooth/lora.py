@@ -33,7 +33,8 @@ TE_TARGET_BLOCKS = ("CLIPAttention", "CLIPMLP")
 class LoraLayer(nn.Module):
     """`base` plus a low-rank update. The base layer is kept as is (frozen by the run set-up)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, multiplier: float = 1.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, multiplier: float = 1.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         while isinstance(base, LoraLayer):  # a second LoRA on the same layer stacks on the first
@@ -49,8 +50,12 @@ class LoraLayer(nn.Module):
         param = base.weight
         self.down.to(param.device, torch.float32)
         self.up.to(param.device, torch.float32)
-        # As kohya/diffusers: down random (Kaiming uniform), up zero, so training starts at the base model.
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        # As kohya/diffusers: down random (Kaiming uniform with a=√5: U(±1/√fan_in)), up zero, so training
+        # starts at the base model. Drawn from `generator` so a seeded run starts from the same LoRA.
+        bound = 1 / math.sqrt(self.down.weight[0].numel())
+        with torch.no_grad():
+            init = torch.rand(self.down.weight.shape, generator=generator) * 2 * bound - bound
+            self.down.weight.copy_(init)
         nn.init.zeros_(self.up.weight)
         self.rank = rank
         self.alpha = float(alpha)
@@ -126,16 +131,18 @@ class LoraPatch:
         return out
 
 
-def attach_lora(parts: dict[str, nn.Module], rank: int, alpha: float, dropout: float = 0.0) -> LoraPatch:
+def attach_lora(parts: dict[str, nn.Module], rank: int, alpha: float, dropout: float = 0.0,
+                seed: int = 0) -> LoraPatch:
     """Wrap the target layers of ``parts["unet"]`` (and ``parts["text_encoder"]`` when given) with new
-    LoRA layers (zero update)."""
+    LoRA layers (zero update; initial down weights drawn from `seed`)."""
     patch = LoraPatch()
+    generator = torch.Generator().manual_seed(seed)
     for key, prefix, blocks in (("unet", UNET_PREFIX, UNET_TARGET_BLOCKS), ("text_encoder", TE_PREFIX, TE_TARGET_BLOCKS)):
         root = parts.get(key)
         if root is None:
             continue
         for path, layer in lora_targets(root, blocks):
-            wrapped = LoraLayer(layer, rank, alpha, dropout)
+            wrapped = LoraLayer(layer, rank, alpha, dropout, generator=generator)
             _swap(root, path, wrapped)
             patch._undo.append((root, path, layer))
             patch.layers[kohya_name(prefix, path)] = wrapped

@@ -8,7 +8,9 @@ loaded. The loss is instance + λ·prior (:mod:`.loss`), with eps or v targets a
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,9 +20,11 @@ from ..errors import AlchemyError
 from ..train.loop import TrainResult, train
 from ..train.plan import RunPlan, plan_run
 from ..train.provenance import Provenance, collect
+from ..train.diffusion_loss import sample_noise, sample_timesteps
 from ..train.setup import RunSetup
 from .class_images import generate_class_images
 from .concepts import concepts_from_options
+from .distributed import Shard, average_gradients, barrier
 from .data import DreamBoothData, PriorBatch, build_dreambooth_data
 from .files import metadata, save_checkpoint, save_lora
 from .lora import LoraPatch, attach_lora
@@ -36,12 +40,15 @@ class DreamBoothMethod:
     loss_csv_name = "dreambooth_loss.csv"
 
     def __init__(self, adapter, data: DreamBoothData, options: DreamBoothTrainOptions, provenance: Provenance,
-                 lora: LoraPatch | None = None):
+                 lora: LoraPatch | None = None, shard: Shard | None = None):
         self.adapter = adapter
         self.data = data
         self.options = options
         self.provenance = provenance
         self.lora = lora
+        self.shard = shard
+        self.writer = shard is None or shard.rank == 0
+        """Only one process of a data-parallel run writes files."""
         self.name = options.model_name
         self.device = adapter.device
         self.last_losses: tuple[float, float | None] = (0.0, None)
@@ -69,10 +76,17 @@ class DreamBoothMethod:
             return torch.stack([self._cond_cache[p] for p in prompts])
 
     def loss(self, batch: PriorBatch, step: int) -> torch.Tensor:
+        # Timesteps and noise are drawn for the whole (global) batch first, so a data-parallel rank that
+        # computes a slice of it sees the draws one process would.
+        latents = batch.latents.to(self.device)
+        timesteps = sample_timesteps(latents.shape[0], batch.generator, num_timesteps=self.adapter.alphas_cumprod.shape[0])
+        noise = sample_noise(latents, batch.generator, self.options.noise_offset)
+        rows = list(range(latents.shape[0])) if self.shard is None else self.shard.rows(batch)
+        n = latents.shape[0] - batch.prior
         total, instance, prior = dreambooth_loss(
-            self.adapter, batch.latents.to(self.device), self.conditioning(batch.prompts), batch.prior,
-            self.options.prior_loss_weight, generator=batch.generator, min_snr_gamma=self.options.min_snr_gamma,
-            noise_offset=self.options.noise_offset)
+            self.adapter, latents[rows], self.conditioning([batch.prompts[r] for r in rows]),
+            sum(1 for r in rows if r >= n), self.options.prior_loss_weight, timesteps=timesteps[rows],
+            noise=noise[rows], min_snr_gamma=self.options.min_snr_gamma)
         self.last_losses = (instance, prior)
         return total
 
@@ -97,6 +111,8 @@ class DreamBoothMethod:
         return Path(log_dir) / "models" / f"{self.name}-{step}.safetensors"
 
     def save(self, path: Path, step: int, optimizer_state: dict | None = None) -> None:
+        if not self.writer:
+            return
         meta = metadata(self.provenance, self.options, {"alchemy_step": str(step)})
         if self.lora is not None:
             save_lora(self.lora, path, meta, fp16=self.options.save_fp16)
@@ -115,18 +131,46 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _for_rank(plan: RunPlan, shard: Shard, scratch: Path) -> RunPlan:
+    """The plan of one rank: rank 0's seed everywhere; ranks other than 0 write nothing to keep (their log
+    folder is a scratch folder)."""
+    import torch.distributed as dist
+
+    seed = [plan.options.seed]
+    dist.broadcast_object_list(seed, src=0)
+    changes: dict[str, Any] = {"seed": seed[0]}
+    if shard.rank != 0:
+        changes.update(save_resume_state=False, save_training_settings=False, write_csv_every=0, save_every=0,
+                       create_image_every=0, log_directory=str(scratch))
+    return RunPlan.of(dataclasses.replace(plan.options, **changes))
+
+
 def train_dreambooth(adapter, options: DreamBoothTrainOptions | RunPlan, callbacks: Callable | Sequence[Callable] = (),
-                     cancel: Any = None, say: Callable[[str], None] | None = None) -> TrainResult:
-    """Run DreamBooth with `options` on `adapter`'s model; returns the loop's result."""
-    plan = plan_run(options)
+                     cancel: Any = None, say: Callable[[str], None] | None = None,
+                     shard: Shard | None = None) -> TrainResult:
+    """Run DreamBooth with `options` on `adapter`'s model; returns the loop's result.
+
+    shard: this process's place in a data-parallel run (:mod:`.distributed`); ``batch_size`` is then per
+    process, and every process must call this with the same options."""
+    if shard is not None:
+        with tempfile.TemporaryDirectory(prefix="alchemy-rank") as scratch:
+            return _train(adapter, _for_rank(plan_run(options), shard, Path(scratch)), callbacks, cancel, shard)
+    return _train(adapter, plan_run(options), callbacks, cancel, None)
+
+
+def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> TrainResult:
     options = plan.options
     _check_name(options.model_name)
     concepts = concepts_from_options(options)
-    for concept in concepts:
-        if concept.with_prior:
-            generate_class_images(adapter, concept, options, cancel=cancel)
+    if shard is None or shard.rank == 0:
+        for concept in concepts:
+            if concept.with_prior:
+                generate_class_images(adapter, concept, options, cancel=cancel)
+    barrier(shard)
+    world = 1 if shard is None else shard.world
     with RunSetup(adapter) as setup:
-        data = build_dreambooth_data(adapter, options, concepts)
+        data = build_dreambooth_data(adapter, dataclasses.replace(options, batch_size=options.batch_size * world),
+                                     concepts)
         provenance = collect(adapter, data, source_note=options.source_note, method="dreambooth")
         lora = None
         modules = adapter.modules()
@@ -134,7 +178,7 @@ def train_dreambooth(adapter, options: DreamBoothTrainOptions | RunPlan, callbac
             parts = {"unet": modules["unet"]}
             if options.train_text_encoder:
                 parts["text_encoder"] = modules["text_encoder"]
-            lora = attach_lora(parts, options.lora_rank, options.lora_alpha, options.lora_dropout)
+            lora = attach_lora(parts, options.lora_rank, options.lora_alpha, options.lora_dropout, seed=options.seed)
             setup.undo_with(lora.remove)
             for layer in lora.layers.values():
                 layer.train()  # LoRA dropout on; the model itself stays in eval mode
@@ -145,5 +189,10 @@ def train_dreambooth(adapter, options: DreamBoothTrainOptions | RunPlan, callbac
                 setup.undo_with(lambda: [m.load_state_dict(sd) for m, sd in originals])
             for m in trained:
                 m.requires_grad_(True)
-        method = DreamBoothMethod(adapter, data, options, provenance, lora)
-        return train(method, plan, callbacks, cancel)
+        method = DreamBoothMethod(adapter, data, options, provenance, lora, shard)
+        if shard is not None:
+            handles = average_gradients(method.parameters(), shard.world)
+            setup.undo_with(lambda: [h.remove() for h in handles])
+        result = train(method, plan, callbacks, cancel)
+    barrier(shard)
+    return result

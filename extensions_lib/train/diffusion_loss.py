@@ -106,7 +106,7 @@ def denoising_loss(adapter, latents: torch.Tensor, cond: torch.Tensor, **kwargs)
 def denoising_losses(adapter, latents: torch.Tensor, cond: torch.Tensor, *,
                      generator: torch.Generator | None = None, weight: torch.Tensor | None = None,
                      min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                     timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                     timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """The standard latent-diffusion loss of each sample of one batch through ``adapter.predict``: (B,).
 
     Draws t ~ U{0..T−1} and ε (with `generator`, so a seeded run repeats exactly), noises the latents,
@@ -117,7 +117,9 @@ def denoising_losses(adapter, latents: torch.Tensor, cond: torch.Tensor, *,
     latents = latents.to(getattr(adapter, "device", latents.device))  # batches arrive on the CPU
     if timesteps is None:
         timesteps = sample_timesteps(latents.shape[0], generator, num_timesteps=ac.shape[0])
-    noise = sample_noise(latents, generator, noise_offset)
+    if noise is None:
+        noise = sample_noise(latents, generator, noise_offset)
+    noise = noise.to(latents.device, latents.dtype)
     noisy = add_noise(latents, noise, timesteps, ac)
     t = timesteps.to(latents.device)
     prediction = adapter.predict(noisy, t, cond)
