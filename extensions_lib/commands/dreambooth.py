@@ -2,18 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
-
-from ..options import from_cli, option
+from ..options import from_cli
+from .hypernetwork import TrainCommand  # the same --ckpt and --device
 from .method_commands import add_action, report_result, require_checkpoint, step_bar, training_plan
-
-
-@dataclass
-class TrainCommand:
-    ckpt: Optional[Path] = option(None, help="checkpoint to train on (.safetensors or .ckpt)", ui=False)
-    device: str = option("auto", help="where to train: cpu, cuda, cuda:1, ...; auto = cuda when available", ui=False)
 
 
 def register(subparsers) -> None:
