@@ -87,7 +87,8 @@ def test_class_images_are_generated_resumably(tmp_path, tiny_model):
 def test_lora_mode_trains_only_the_lora(tmp_path, tiny_model):
     model = tiny_model("sd1")
     original = {name: _state(m) for name, m in model.modules().items()}
-    result = train_dreambooth(model, _options(tmp_path, mode="lora", train_text_encoder=True, lora_dropout=0.1))
+    result = train_dreambooth(model, _options(tmp_path, mode="lora", train_text_encoder=True, lora_dropout=0.1,
+                                                 gradient_checkpointing=True))
     assert result.final_path == tmp_path / "Lora" / "subj.safetensors"
     for name, module in model.modules().items():  # patch removed, weights untouched
         got = module.state_dict()

@@ -29,6 +29,7 @@ from .data import DreamBoothData, PriorBatch, build_dreambooth_data
 from .files import metadata, save_checkpoint, save_lora
 from .lora import LoraPatch, attach_lora
 from .loss import dreambooth_loss
+from .memory import adamw_class, checkpointing
 from .options import DreamBoothTrainOptions
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class DreamBoothMethod:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self._params
+
+    def create_optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+        return adamw_class(self.options.use_8bit_adam, self.device)(groups, lr=lr)
 
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
         from ..prompt import encode_prompts
@@ -189,6 +193,8 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
                 setup.undo_with(lambda: [m.load_state_dict(sd) for m, sd in originals])
             for m in trained:
                 m.requires_grad_(True)
+        if options.gradient_checkpointing:
+            setup.undo_with(checkpointing(modules["unet"]))
         method = DreamBoothMethod(adapter, data, options, provenance, lora, shard)
         if shard is not None:
             handles = average_gradients(method.parameters(), shard.world)

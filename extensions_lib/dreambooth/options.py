@@ -48,6 +48,12 @@ class DreamBoothTrainOptions(TrainingOptions):
     class_cfg_scale: float = option(7.0, minimum=1.0, maximum=30.0, step=0.5, group=_CLASS,
                                     help="CFG scale for class images")
     class_negative_prompt: str = option("", group=_CLASS, help="negative prompt for class images")
+    gradient_checkpointing: bool = option(False, group=_DB,
+                                          help="recompute the UNet's block activations in the backward pass instead "
+                                               "of keeping them (less memory, about 30% slower)")
+    use_8bit_adam: bool = option(True, label="8-bit AdamW when available", group=_DB,
+                                 help="on a GPU with bitsandbytes installed, keep the optimizer state in 8 bits "
+                                      "(otherwise torch's AdamW is used)")
     # --- LoRA ---------------------------------------------------------------------------------------
     lora_rank: int = option(4, minimum=1, maximum=256, group=_LORA, help="LoRA rank (dimension)")
     lora_alpha: float = option(4.0, minimum=0.0, group=_LORA,
