@@ -151,7 +151,7 @@ def test_learning_instance_loss_falls_and_prior_preservation_limits_drift(tmp_pa
     drift, losses = {}, {}
     for weight in (0.0, 1.0):
         model = load_model(base)
-        result = train_dreambooth(model, _options(
+        train_dreambooth(model, _options(
             tmp_path, steps=steps, learn_rate=lr, class_dir=str(tmp_path / "cls"), num_class_images=4,
             class_prompt=class_prompt, prior_loss_weight=weight, keep_trained_weights=True,
             log_directory=str(tmp_path / f"logs{weight}"), model_name=f"db{weight}"))
@@ -189,3 +189,21 @@ def test_cli_trains_a_lora_that_txt2img_applies(tmp_path, tiny_checkpoint, capsy
                  "64", "--steps", "2", "--lora", "subj:0.8", "--lora-dir", str(tmp_path / "Lora"),
                  "--out", str(tmp_path / "out.png")]) == 0
     assert (tmp_path / "out.png").is_file()
+
+
+def test_stopped_lora_run_resumes_exactly(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    from extensions_lib.train.resume import resume_options
+
+    model = tiny_model("sd1")
+    make_folder(tmp_path / "cls", 2, captions=False)
+    common = dict(mode="lora", steps=4, class_prompt="a photo of thing", class_dir=str(tmp_path / "cls"),
+                  num_class_images=2, lora_dropout=0.2, save_resume_state=True, batch_size=2)
+    straight = train_dreambooth(model, _options(tmp_path, lora_dir=str(tmp_path / "a"), **common))
+    first = train_dreambooth(model, _options(tmp_path, lora_dir=str(tmp_path / "b"), log_directory=str(tmp_path / "lb"),
+                                             **{**common, "steps": 2}))
+    resumed = train_dreambooth(model, resume_options(first.resume_path, DreamBoothTrainOptions, {"steps": 4}))
+    assert resumed.step == straight.step == 4
+    a, b = load_file(str(straight.final_path)), load_file(str(resumed.final_path))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
