@@ -207,3 +207,38 @@ def test_stopped_lora_run_resumes_exactly(tmp_path, tiny_model):
     assert resumed.step == straight.step == 4
     a, b = load_file(str(straight.final_path)), load_file(str(resumed.final_path))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_weights_are_written(tmp_path, tiny_model):
+    """With EMA, the file holds d·ema + (1−d)·w after every step, recomputed here from the trained weights
+    of each step (captured by a callback), starting at the initial LoRA."""
+    from safetensors.torch import load_file
+
+    from extensions_lib.dreambooth import method as db_method
+
+    model = tiny_model("sd1")
+    seen: list[list[torch.Tensor]] = []
+    original_after = db_method.DreamBoothMethod.after_step
+
+    def spy(self, step):
+        if not seen:
+            seen.append([e.clone() for e in self._ema])  # the initial weights
+        seen.append([p.detach().clone() for p in self._params])
+        original_after(self, step)
+
+    db_method.DreamBoothMethod.after_step = spy
+    try:
+        result = train_dreambooth(model, _options(tmp_path, mode="lora", ema_decay=0.6, steps=3, learn_rate="1e-2"))
+    finally:
+        db_method.DreamBoothMethod.after_step = original_after
+    ema = seen[0]
+    for weights in seen[1:]:
+        ema = [0.6 * e + 0.4 * w for e, w in zip(ema, weights)]
+    saved = load_file(str(result.final_path))
+    ups = [k for k in sorted(saved) if k.endswith("lora_up.weight")]
+    trained_last = seen[-1]
+    # parameters() order is (down, up) per layer in name order: compare the up weights
+    names = sorted({k.rsplit(".", 2)[0] for k in saved})
+    for i, name in enumerate(names):
+        torch.testing.assert_close(saved[f"{name}.lora_up.weight"], ema[2 * i + 1], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(saved[ups[0]], trained_last[1])  # not simply the last weights

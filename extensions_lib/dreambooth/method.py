@@ -8,6 +8,7 @@ loaded. The loss is instance + λ·prior (:mod:`.loss`), with eps or v targets a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -61,9 +62,35 @@ class DreamBoothMethod:
             trained = [modules["unet"]] + ([modules["text_encoder"]] if options.train_text_encoder else [])
             self._params = [p for m in trained for p in m.parameters()]
         self._cond_cache: dict[str, torch.Tensor] = {}
+        self._ema = [p.detach().clone() for p in self._params] if options.ema_decay > 0 else None
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self._params
+
+    def after_step(self, step: int) -> None:
+        """EMA update, ``ema ← d·ema + (1−d)·w`` (the EMA starts at the initial weights)."""
+        if self._ema is not None:
+            d = self.options.ema_decay
+            with torch.no_grad():
+                for e, p in zip(self._ema, self._params):
+                    e.mul_(d).add_(p.detach().to(e.device, e.dtype), alpha=1 - d)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """The EMA weights in place of the trained ones inside the block (for writing files)."""
+        if self._ema is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self._params]
+        with torch.no_grad():
+            for p, e in zip(self._params, self._ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self._params, saved):
+                    p.copy_(s)
 
     def create_optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
         return adamw_class(self.options.use_8bit_adam, self.device)(groups, lr=lr)
@@ -96,10 +123,15 @@ class DreamBoothMethod:
 
     # -- resume -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"params": [p.detach().cpu().clone() for p in self._params]}
+        return {"params": [p.detach().cpu().clone() for p in self._params],
+                "ema": None if self._ema is None else [e.cpu().clone() for e in self._ema]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         params = state["params"]
+        if self._ema is not None and state.get("ema") is not None:
+            with torch.no_grad():
+                for e, saved in zip(self._ema, state["ema"]):
+                    e.copy_(saved)
         if len(params) != len(self._params) or any(a.shape != b.shape for a, b in zip(params, self._params)):
             raise AlchemyError("the resume state holds another model or LoRA structure",
                                fix="resume with the options and model the run started with")
@@ -118,10 +150,11 @@ class DreamBoothMethod:
         if not self.writer:
             return
         meta = metadata(self.provenance, self.options, {"alchemy_step": str(step)})
-        if self.lora is not None:
-            save_lora(self.lora, path, meta, fp16=self.options.save_fp16)
-        else:
-            save_checkpoint(self.adapter, path, meta, fp16=self.options.save_fp16)
+        with self._ema_weights():
+            if self.lora is not None:
+                save_lora(self.lora, path, meta, fp16=self.options.save_fp16)
+            else:
+                save_checkpoint(self.adapter, path, meta, fp16=self.options.save_fp16)
 
     def preview(self, step: int, directory: Path) -> Path | None:
         return None

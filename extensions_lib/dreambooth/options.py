@@ -54,6 +54,9 @@ class DreamBoothTrainOptions(TrainingOptions):
     use_8bit_adam: bool = option(True, label="8-bit AdamW when available", group=_DB,
                                  help="on a GPU with bitsandbytes installed, keep the optimizer state in 8 bits "
                                       "(otherwise torch's AdamW is used)")
+    ema_decay: float = option(0.0, minimum=0.0, maximum=0.99999, group=_DB, label="EMA decay",
+                              help="keep an exponential moving average of the trained weights and write that "
+                                   "(0 = off; 0.999 is usual; costs one more copy of the trained weights)")
     # --- LoRA ---------------------------------------------------------------------------------------
     lora_rank: int = option(4, minimum=1, maximum=256, group=_LORA, help="LoRA rank (dimension)")
     lora_alpha: float = option(4.0, minimum=0.0, group=_LORA,
