@@ -24,14 +24,14 @@ def _context(tmp_path, **kw):
     from extensions_lib.jobs.context import UIContext
 
     return UIContext(model=lambda: object(), embeddings_dir=tmp_path / "emb", hypernetworks_dir=tmp_path / "hn",
-                     log_root=tmp_path, folders={"toys": tmp_path / "toys"}, **kw)
+                     log_root=tmp_path, folders={"toys": tmp_path / "toys", "lora": tmp_path / "Lora"}, **kw)
 
 
 def test_builtin_methods_are_registered_in_order():
-    assert [m.key for m in registry.methods()] == ["embedding", "hypernetwork", "apt"]
+    assert [m.key for m in registry.methods()] == ["embedding", "hypernetwork", "apt", "dreambooth"]
     assert registry.find("hypernetwork").name_option == "hypernetwork_name"
-    with pytest.raises(Exception, match="use one of: embedding, hypernetwork, apt"):
-        registry.find("dreambooth")
+    with pytest.raises(Exception, match="use one of: embedding, hypernetwork, apt, dreambooth"):
+        registry.find("lycoris")
 
 
 def test_a_spec_naming_an_option_its_class_lacks_is_refused():
@@ -101,9 +101,11 @@ def test_registered_method_tabs_are_marked_unsupported_like_the_others(with_toy)
 
     lowvram = HostHandles(extension_root=None, shared=SimpleNamespace(cmd_opts=SimpleNamespace(lowvram=True)),
                           sd_models=object(), call_queue=SimpleNamespace(wrap_gradio_gpu_call=print))
-    assert sorted(lowvram.unsupported()) == ["train_apt", "train_embedding", "train_hypernetwork", "train_toy"]
+    assert sorted(lowvram.unsupported()) == ["train_apt", "train_dreambooth", "train_embedding", "train_hypernetwork",
+                                             "train_toy"]
     no_model = HostHandles(extension_root=None, call_queue=SimpleNamespace(wrap_gradio_gpu_call=print))
-    assert sorted(no_model.unsupported()) == ["create_apt", "create_embedding", "train_apt", "train_embedding",
+    assert sorted(no_model.unsupported()) == ["create_apt", "create_embedding", "train_apt", "train_dreambooth",
+                                              "train_embedding",
                                               "train_hypernetwork", "train_toy"]  # creating a toy needs no model
 
 
@@ -122,7 +124,7 @@ def test_registered_method_gets_its_tabs(with_toy, tmp_path):
     assert [t.elem_id for t in tabs] == [
         "alchemy_create_embedding_tab", "alchemy_create_hypernetwork_tab", "alchemy_create_apt_tab",
         "alchemy_create_toy_tab", "alchemy_train_embedding_tab", "alchemy_train_hypernetwork_tab",
-        "alchemy_train_apt_tab", "alchemy_train_toy_tab"]
+        "alchemy_train_apt_tab", "alchemy_train_dreambooth_tab", "alchemy_train_toy_tab"]
     assert tabs[-1].label == "A: Train toy"
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert by_id["alchemy_train_toy_toy_name"].choices == ["old"]  # the folder's files to pick from

@@ -130,7 +130,7 @@ def test_tagging(webui, tmp_path):
 def test_training_endpoints(webui, tmp_path):
     host, extension, client = webui
     data = make_folder(tmp_path / "data", n=2, size=(64, 64))
-    assert client.post(f"{V1}/train/dreambooth", json=_train_body(data)).status_code == 404
+    assert client.post(f"{V1}/train/lycoris", json=_train_body(data)).status_code == 404
     r = client.post(f"{V1}/train/hypernetwork", json=_train_body(data, steps="many"))
     assert r.status_code == 400 and "steps" in r.json()["error"]
     r = client.post(f"{V1}/train/hypernetwork", json=_train_body(data, data_root=str(tmp_path / "absent")))

@@ -25,6 +25,10 @@ class Txt2ImgCommand:
                                           "<hypernet:NAME:MULT> in the prompt")
     hypernetwork_dir: Path = option(Path("models/hypernetworks"), ui=False,
                                     help="folder of hypernetworks (searched recursively)")
+    lora: list[str] = option([], multiple=True, ui=False,
+                             help="apply LoRA NAME[:W] (a kohya .safetensors in --lora-dir; repeatable), like "
+                                  "<lora:NAME:W> in the WebUI")
+    lora_dir: Path = option(Path("models/Lora"), ui=False, help="folder of LoRA files (searched recursively)")
     embeddings_dir: Optional[Path] = option(None, ui=False,
                                             help="folder of textual-inversion embeddings (searched recursively); "
                                                  "their file names become prompt words")
@@ -65,10 +69,13 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_model(command.ckpt, device=command.device)
     embeddings = txt2img_embeddings(adapter, command.embeddings_dir)
     opts = replace(opts, prompt=hypernets.prompt)
-    with tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
+    warn = lambda line: print(f"alchemy: warning: {line}", file=sys.stderr)  # noqa: E731
+    from ..dreambooth.apply import loras_applied
+
+    with loras_applied(adapter, command.lora, command.lora_dir, warn), \
+            tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
         images = generate_with_networks(adapter, opts, hypernetworks=hypernets.chosen, embeddings=embeddings,
-                                        callback=lambda info: bar.update(1), refuse_nan=True,
-                                        warn=lambda line: print(f"alchemy: warning: {line}", file=sys.stderr))
+                                        callback=lambda info: bar.update(1), refuse_nan=True, warn=warn)
     for image, path in zip(images, paths):
         save_png(image, path)
         print(path)

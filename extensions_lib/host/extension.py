@@ -79,7 +79,13 @@ class AlchemyExtension:
                          hypernetworks_dir=folders.hypernetworks, log_root=self.h.data_path(),
                          tagger_models_dir=folders.tagger_models, templates_dir=self.h.templates_dir(),
                          preview_params=preview_params, files_changed=self.files_changed,
-                         unsupported=self.h.unsupported(), defaults=defaults, tagger_slot=self._tagger_slot)
+                         unsupported=self.h.unsupported(), defaults=defaults, tagger_slot=self._tagger_slot,
+                         folders={"lora": self.lora_dir()})
+
+    def lora_dir(self) -> Path:
+        """The built-in Lora extension's folder: ``--lora-dir``, by default ``<models>/Lora``."""
+        cmd_opts = getattr(self.h.shared, "cmd_opts", None)
+        return Path(getattr(cmd_opts, "lora_dir", None) or Path(self.h.models_path()) / "Lora")
 
     def files_changed(self, kind: str) -> None:
         """After a job wrote a file: make the host see it now (it would miss a rewritten embedding)."""

@@ -82,6 +82,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "extensions_lib.embeddings.registration",     # textual inversion
     "extensions_lib.hypernetworks.registration",  # hypernetworks
     "extensions_lib.apt.registration",            # APT (DreamArtist)
+    "extensions_lib.dreambooth.registration",     # DreamBooth (LoRA or full fine-tune)
 )
 """Every training method, in the order the CLI, the tabs, the settings and the API list them."""
 

@@ -97,11 +97,17 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator | None = None,
     return noise.to(like.device, like.dtype)
 
 
-def denoising_loss(adapter, latents: torch.Tensor, cond: torch.Tensor, *,
-                   generator: torch.Generator | None = None, weight: torch.Tensor | None = None,
-                   min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """The standard latent-diffusion loss for one batch through ``adapter.predict``: scalar mean.
+def denoising_loss(adapter, latents: torch.Tensor, cond: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The standard latent-diffusion loss for one batch through ``adapter.predict``: scalar mean of
+    :func:`denoising_losses` (same arguments)."""
+    return denoising_losses(adapter, latents, cond, **kwargs).mean()
+
+
+def denoising_losses(adapter, latents: torch.Tensor, cond: torch.Tensor, *,
+                     generator: torch.Generator | None = None, weight: torch.Tensor | None = None,
+                     min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                     timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The standard latent-diffusion loss of each sample of one batch through ``adapter.predict``: (B,).
 
     Draws t ~ U{0..T−1} and ε (with `generator`, so a seeded run repeats exactly), noises the latents,
     compares the prediction with ε (or v) — weighted per element by `weight` and per sample by min-SNR-γ
@@ -111,11 +117,13 @@ def denoising_loss(adapter, latents: torch.Tensor, cond: torch.Tensor, *,
     latents = latents.to(getattr(adapter, "device", latents.device))  # batches arrive on the CPU
     if timesteps is None:
         timesteps = sample_timesteps(latents.shape[0], generator, num_timesteps=ac.shape[0])
-    noise = sample_noise(latents, generator, noise_offset)
+    if noise is None:
+        noise = sample_noise(latents, generator, noise_offset)
+    noise = noise.to(latents.device, latents.dtype)
     noisy = add_noise(latents, noise, timesteps, ac)
     t = timesteps.to(latents.device)
     prediction = adapter.predict(noisy, t, cond)
     losses = per_sample_mse(prediction, target(adapter.prediction_type, latents, noise, timesteps, ac), weight)
     if min_snr_gamma > 0:
         losses = losses * min_snr_weights(timesteps, ac, min_snr_gamma, adapter.prediction_type).to(losses.device)
-    return losses.mean()
+    return losses

@@ -1,0 +1,106 @@
+"""LoRA files: the kohya layout the WebUI's Lora extension expects (checked with a restatement of its loader,
+tests/host_lora_reference.py), the same change in our model as in the host's merge, and an exact undo."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from extensions_lib.backend.standalone import load_model
+from extensions_lib.dreambooth.files import save_lora
+from extensions_lib.dreambooth.lora import apply_lora_file, attach_lora, load_lora_file
+from host_lora_reference import load_network, merged_state_dict
+
+
+def _outputs(model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    tokens = torch.randint(0, 49000, (2, 77), generator=g)
+    with torch.no_grad():
+        cond = model.encode_token_chunks(tokens)
+        return cond, model.predict(x, torch.tensor([10, 700]), cond)
+
+
+def _trained_lora_file(model, path, rank=2, alpha=3.0):
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder}
+    patch = attach_lora(parts, rank, alpha)
+    try:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in patch.parameters():  # as if trained: the up weights start at zero
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        save_lora(patch, path, {"note": "test"})
+        return len(patch.layers)
+    finally:
+        patch.remove()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_lora_file_follows_the_hosts_rules_and_matches_its_merge(tmp_path, tiny_model, tiny_checkpoint, family):
+    model = tiny_model(family)
+    before = _outputs(model)
+    path = tmp_path / "my-lora.safetensors"
+    layers = _trained_lora_file(model, path)
+    tensors = load_file(str(path))
+    assert set(tensors) == {f"{n}.{p}" for n in {k.split(".")[0] for k in tensors}
+                            for p in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert len(tensors) == 3 * layers
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.") for k in tensors)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_1_mlp_fc2.") for k in tensors)
+    ldm = load_file(str(tiny_checkpoint(family)))
+    matched, failed = load_network(tensors, ldm.keys())
+    assert failed == []
+    assert len(matched) == layers
+    for entry in matched.values():
+        down, up = entry["parts"]["lora_down.weight"], entry["parts"]["lora_up.weight"]
+        assert down.shape[0] == up.shape[1] == 2 and float(entry["parts"]["alpha"]) == 3.0
+    kinds = {e["target"].split(".")[0] + ("/qkv" if e["qkv"] else "") for e in matched.values()}
+    assert "model" in kinds and "cond_stage_model" in kinds
+
+    # The host's merge of the file at 0.7 and our patch at 0.7 give the same model.
+    merged_path = tmp_path / "merged.safetensors"
+    save_file(merged_state_dict(ldm, tensors, 0.7), str(merged_path))
+    host_cond, host_eps = _outputs(load_model(merged_path))
+    patch, missing = apply_lora_file({"unet": model.unet, "text_encoder": model.text_encoder},
+                                     load_lora_file(path), 0.7)
+    try:
+        assert missing == []
+        ours_cond, ours_eps = _outputs(model)
+    finally:
+        patch.remove()
+    torch.testing.assert_close(ours_cond, host_cond, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_eps, host_eps, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours_eps, before[1], atol=1e-3)  # the LoRA changes the output
+    after = _outputs(model)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])  # undo is exact
+
+
+def test_txt2img_applies_lora_files(tmp_path, tiny_model, tiny_checkpoint, capsys):
+    from PIL import Image
+
+    from extensions_lib.cli import main
+    from extensions_lib.dreambooth.apply import loras_applied
+
+    model = tiny_model("sd1")
+    lora_dir = tmp_path / "Lora" / "sub"
+    _trained_lora_file(model, lora_dir / "subj.safetensors")
+    _trained_lora_file(model, lora_dir / "other.safetensors", rank=3, alpha=1.0)
+    before = _outputs(model)
+    with loras_applied(model, ["subj:0.5", "other"], tmp_path / "Lora") as patches:
+        assert len(patches) == 2 and all(p.layers for p in patches)
+        stacked = _outputs(model)
+    assert not torch.allclose(stacked[1], before[1], atol=1e-3)
+    after = _outputs(model)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+    common = ["txt2img", "--ckpt", str(tiny_checkpoint("sd1")), "--prompt", "a photo of sks dog", "--width", "64",
+              "--height", "64", "--steps", "3", "--seed", "7", "--lora-dir", str(tmp_path / "Lora")]
+    for out, extra in (("plain", []), ("zero", ["--lora", "subj:0"]), ("one", ["--lora", "subj"])):
+        assert main([*common, "--out", str(tmp_path / f"{out}.png"), *extra]) == 0
+    pixels = {n: Image.open(tmp_path / f"{n}.png").tobytes() for n in ("plain", "zero", "one")}
+    assert pixels["zero"] == pixels["plain"] and pixels["one"] != pixels["plain"]
+    from extensions_lib.errors import AlchemyError
+    for bad, message in (("../subj", "not a file name"), ("nothere", "no LoRA named")):
+        with pytest.raises(AlchemyError, match=message):
+            with loras_applied(model, [bad], tmp_path / "Lora"):
+                pass
