@@ -111,7 +111,8 @@ class Personaliser:
     def clear(self) -> None:
         self._cache.clear()
 
-    def __len__(self) -> int:
+    @property
+    def cached(self) -> int:
         return len(self._cache)
 
     # --- target ------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ class Personaliser:
             for _ in range(settings.steps):
                 _, features = tower.run(params, embeds, tokens, clip_skip)
                 similarity = torch.nn.functional.cosine_similarity(features, target.to(features.device), dim=-1).mean()
-                trace.append(float(similarity))
+                trace.append(float(similarity.detach()))
                 optimiser.zero_grad(set_to_none=True)
                 (-similarity).backward()
                 optimiser.step()

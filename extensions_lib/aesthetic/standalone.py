@@ -60,7 +60,7 @@ class StandaloneAesthetic:
         self.embedding = embedding
         self.options = options
         self.settings = options.settings()
-        self.personaliser = personaliser or Personaliser()
+        self.personaliser = personaliser if personaliser is not None else Personaliser()
         self.tower = tower or standalone_tower(adapter, clip_path)
         self.personaliser.target(self.tower, embedding, self.settings)  # checks the width before generating
         self._patches = MethodPatches()
