@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "extensions_lib.commands.generate",    # txt2img
     "extensions_lib.commands.embedding",   # embedding create/train
     "extensions_lib.commands.hypernetwork",  # hypernetwork create/train
+    "extensions_lib.commands.aesthetic",   # aesthetic create/list
     "extensions_lib.commands.dataset",     # tag, preprocess
     "extensions_lib.commands.demo",        # demo (the README's first command)
     "extensions_lib.commands.ui",          # ui (standalone gradio app)

@@ -103,3 +103,27 @@ def create_embedding(encoder: ImageEncoder, folder: str | os.PathLike, out: str 
     result = embed_folder(encoder, folder, batch_size, progress)
     return save_aesthetic(result.vector, out), result
 
+
+
+def create_from_options(opts, out_dir: str | os.PathLike, clip_dir: str | os.PathLike | None = None,
+                        progress: Progress | None = None, report: Callable[[str], None] | None = None,
+                        device: str | torch.device = "cpu") -> tuple[Path, CreateResult]:
+    """The create job every front end runs: resolve (or download) the CLIP model, encode, write
+    ``<out_dir>/<name>.pt``. `opts` is a :class:`~extensions_lib.aesthetic.options.CreateOptions`."""
+    from .clip_models import load_image_encoder, resolve_clip
+    from .file import SUFFIX, check_name
+
+    name = check_name(opts.name)
+    if opts.source is None:
+        raise AlchemyError("no image folder given", fix="pass the folder of images in the style (--source)")
+    out = Path(out_dir) / f"{name}{SUFFIX}"
+    if out.exists() and not opts.overwrite:
+        raise AlchemyError("an aesthetic embedding of that name exists", out, "choose another name or allow overwrite")
+    clip = resolve_clip(opts.clip, opts.family, clip_dir, download=opts.download, report=report)
+    if report:
+        report(f"encoding images with {clip}")
+    encoder = load_image_encoder(clip).to(device)
+    try:
+        return create_embedding(encoder, opts.source, out, opts.batch_size, progress, overwrite=opts.overwrite)
+    finally:
+        del encoder
