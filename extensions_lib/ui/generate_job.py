@@ -7,9 +7,11 @@ generation, so the model is unpatched whenever no generation runs.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from ..errors import Cancelled
 from ..sampling.txt2img import GenerationOptions, generate_from
@@ -28,6 +30,22 @@ class Loaders:
         self._embeddings = None
         self._loader = None
         self._hypernetworks = None
+        self._aesthetic = None
+
+    @property
+    def aesthetic_dir(self):
+        """Aesthetic embeddings beside the hypernetworks (``models/aesthetic_embeddings``, as the WebUI's)."""
+        return self.context.hypernetworks_dir.parent / "aesthetic_embeddings"
+
+    def aesthetic(self):
+        """(library of the aesthetic folder, a personaliser whose cache lasts between generations)."""
+        from ..aesthetic.file import AestheticLibrary
+        from ..aesthetic.personalise import Personaliser
+
+        with self._lock:
+            if self._aesthetic is None or self._aesthetic[0].folder != self.aesthetic_dir:
+                self._aesthetic = (AestheticLibrary(self.aesthetic_dir), Personaliser())
+            return self._aesthetic
 
     def embeddings(self):
         """The :class:`EmbeddingLibrary` of the embeddings folder (no model needed: for listings)."""
@@ -67,6 +85,8 @@ class GenerateRequest:
     loaders: Loaders
     hypernetwork: str = NO_HYPERNETWORK
     hypernetwork_strength: float = 1.0
+    aesthetic: Any = None
+    """:class:`~extensions_lib.aesthetic.options.AestheticOptions` or None."""
 
 
 def _encode_without_tags(adapter, prompts, clip_skip: int = 1, *, loader):
@@ -102,9 +122,31 @@ def generate_images(request: GenerateRequest, job: JobContext) -> list:
             raise Cancelled()
         job.update(step=int(info["i"]) + 1, total=opts.steps)
 
+    aesthetic = _aesthetic(request, adapter)
+    encode_fn = partial(_encode_without_tags, loader=loader)
+    if aesthetic is not None:
+        encode_fn = aesthetic.encode_fn(encode_fn, opts.negative)
+        extra.update(aesthetic.infotext())
     job.update(message=f"sampling; embeddings used: {', '.join(used) or 'none'}")
-    with loader, apply_hypernetworks(hypernetworks, adapter.attention_modules()):
-        images = generate_from(adapter, opts, encode_fn=partial(_encode_without_tags, loader=loader),
-                               callback=on_step, extra_params=extra)
+    with loader, apply_hypernetworks(hypernetworks, adapter.attention_modules()), \
+            (aesthetic if aesthetic is not None else contextlib.nullcontext()):
+        images = generate_from(adapter, opts, encode_fn=encode_fn, callback=on_step, extra_params=extra)
     job.update(message=f"{len(images)} image(s); embeddings used: {', '.join(used) or 'none'}")
     return images
+
+
+def _aesthetic(request: GenerateRequest, adapter):
+    """The aesthetic embedding to apply, or None (off, or no embedding chosen)."""
+    options = request.aesthetic
+    if options is None or not options.enabled:
+        return None
+    from ..aesthetic.standalone import StandaloneAesthetic
+
+    library, personaliser = request.loaders.aesthetic()
+    clip = None
+    if adapter.family == "sd1":
+        from ..aesthetic.clip_models import resolve_clip
+
+        clip = resolve_clip("", "sd1", request.loaders.aesthetic_dir.parent / "aesthetic_clip")
+    return StandaloneAesthetic(adapter, library.load(options.embedding), options, clip_path=clip,
+                               personaliser=personaliser)
