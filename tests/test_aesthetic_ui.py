@@ -8,10 +8,10 @@ import torch
 from extensions_lib.aesthetic.file import save_aesthetic
 from extensions_lib.aesthetic.options import AestheticOptions
 from extensions_lib.sampling.txt2img import GenerationOptions, generate_from
-from extensions_lib.ui.context import UIContext
-from extensions_lib.ui.generate_job import GenerateRequest, Loaders, generate_images
-from extensions_lib.ui.progress import run_job
-from extensions_lib.ui.thread_runner import ThreadJobRunner
+from extensions_lib.jobs.context import UIContext
+from extensions_lib.jobs.generate import GenerateRequest, Loaders, generate_images
+from extensions_lib.jobs.progress import run_job
+from extensions_lib.jobs.thread_runner import ThreadJobRunner
 from tests.aesthetic_fakes import make_hf_clip
 
 pytestmark = pytest.mark.needs_gradio

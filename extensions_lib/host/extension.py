@@ -73,10 +73,10 @@ class AlchemyExtension:
         return library
 
     def context(self, preview_params=None):
-        """The :class:`~extensions_lib.ui.context.UIContext` the tabs and the API work with, from the
+        """The :class:`~extensions_lib.jobs.context.UIContext` the tabs and the API work with, from the
         current settings."""
         from ..tagger import ModelSlot
-        from ..ui.context import UIContext
+        from ..jobs.context import UIContext
 
         folders = self.folders()
         defaults, problems = st.all_defaults(self.opts)
@@ -90,7 +90,9 @@ class AlchemyExtension:
                          hypernetworks_dir=folders.hypernetworks, log_root=self.h.data_path(),
                          tagger_models_dir=folders.tagger_models, templates_dir=self.h.templates_dir(),
                          preview_params=preview_params, files_changed=self.files_changed,
-                         unsupported=self.h.unsupported(), defaults=defaults, tagger_slot=self._tagger_slot)
+                         unsupported=self.h.unsupported(), defaults=defaults, tagger_slot=self._tagger_slot,
+                         folders={"aesthetic_embeddings": self.h.models_path() / "aesthetic_embeddings",
+                                  "aesthetic_clip": self.h.models_path() / "aesthetic_clip"})
 
     def files_changed(self, kind: str) -> None:
         """After a job wrote a file: make the host see it now (it would miss a rewritten embedding)."""
@@ -187,7 +189,7 @@ class AlchemyExtension:
             self._tagger_slot.unload()
 
     def on_app_started(self, demo: Any, app: Any) -> None:
-        from ..ui.routes import add_progress_routes
+        from ..jobs.routes import add_progress_routes
         from .api import AlchemyApi, api_switches, register
 
         add_progress_routes(app, self.runner)

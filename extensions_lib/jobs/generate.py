@@ -34,8 +34,9 @@ class Loaders:
 
     @property
     def aesthetic_dir(self):
-        """Aesthetic embeddings beside the hypernetworks (``models/aesthetic_embeddings``, as the WebUI's)."""
-        return self.context.hypernetworks_dir.parent / "aesthetic_embeddings"
+        from ..aesthetic.jobs import aesthetic_folders
+
+        return aesthetic_folders(self.context)[0]
 
     def aesthetic(self):
         """(library of the aesthetic folder, a personaliser whose cache lasts between generations)."""
@@ -147,6 +148,8 @@ def _aesthetic(request: GenerateRequest, adapter):
     if adapter.family == "sd1":
         from ..aesthetic.clip_models import resolve_clip
 
-        clip = resolve_clip("", "sd1", request.loaders.aesthetic_dir.parent / "aesthetic_clip")
+        from ..aesthetic.jobs import aesthetic_folders
+
+        clip = resolve_clip("", "sd1", aesthetic_folders(request.loaders.context)[1])
     return StandaloneAesthetic(adapter, library.load(options.embedding), options, clip_path=clip,
                                personaliser=personaliser)
