@@ -111,8 +111,8 @@ def test_train_tabs_take_the_webui_txt2img_preview_parameters(tmp_path):
     assert "alchemy_train_hypernetwork_preview_prompt" not in ids  # read from txt2img instead
     assert "alchemy_train_embedding_preview_from_txt2img" in ids   # the switch itself stays
     tabs = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert tabs == ["Alchemy: Create embedding", "Alchemy: Create hypernetwork", "Alchemy: Train embedding",
-                    "Alchemy: Train hypernetwork"]
+    assert tabs == ["Alchemy: Create embedding", "Alchemy: Create hypernetwork", "Alchemy: Create aesthetic embedding",
+                    "Alchemy: Train embedding", "Alchemy: Train hypernetwork"]
     _, inputs = click_handler(demo, "alchemy_train_hypernetwork_start")
     assert inputs[-8:] == preview
 

@@ -125,3 +125,32 @@ def test_script_controls_follow_the_declared_options_and_paste_back(tmp_path, ti
         labels = {key: comp.label for comp, key in script.infotext_fields}
         assert labels["Aesthetic weight"] == "Aesthetic weight" and labels["Aesthetic embedding"] == "Aesthetic imgs embedding"
         assert [c.value for c in components[1:]] == script_args()[1:]
+
+
+def test_create_route_and_train_tab_create_job(tmp_path, tiny_checkpoint):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from extensions_lib.aesthetic.file import load_aesthetic
+    from tests.aesthetic_fakes import make_images
+
+    make_hf_clip(tmp_path / "models" / "aesthetic_clip" / "clip-vit-large-patch14")
+    images = make_images(tmp_path / "style", count=3)
+    with standin_host(tmp_path) as host:
+        extension = load_extension(host)
+        host.shared.cmd_opts.api, host.shared.cmd_opts.api_auth = True, None
+        app = FastAPI()
+        host.script_callbacks.app_started_callback(None, app)
+        client = TestClient(app)
+        body = {"options": {"name": "web", "source": str(images), "batch_size": 2}, "wait": True}
+        r = client.post("/alchemy/v1/create/aesthetic", json=body)
+        assert r.status_code == 200, r.json()
+        path = tmp_path / "models" / "aesthetic_embeddings" / "web.pt"
+        assert r.json()["file"] == str(path) and load_aesthetic(path).dim == 16
+        assert (r.json()["step"], r.json()["total"]) == (3, 3)
+        assert extension.aesthetic.choices() == ["None", "web"]      # the txt2img dropdown lists it
+        r = client.post("/alchemy/v1/create/aesthetic", json=body)
+        assert r.status_code == 422 and "exists" in r.json()["error"]
+        assert client.post("/alchemy/v1/create/nothing", json=body).status_code == 404
