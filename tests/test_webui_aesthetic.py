@@ -154,3 +154,30 @@ def test_create_route_and_train_tab_create_job(tmp_path, tiny_checkpoint):
         r = client.post("/alchemy/v1/create/aesthetic", json=body)
         assert r.status_code == 422 and "exists" in r.json()["error"]
         assert client.post("/alchemy/v1/create/nothing", json=body).status_code == 404
+
+
+def test_works_with_a_hypernetwork_active(tmp_path, tiny_checkpoint):
+    from extensions_lib.hypernetworks.file import write_hypernetwork
+    from extensions_lib.hypernetworks.module import Architecture, Hypernetwork
+
+    models = tmp_path / "models"
+    save_aesthetic(torch.randn(16, generator=torch.Generator().manual_seed(2)), models / "aesthetic_embeddings" / "style.pt")
+    make_hf_clip(models / "aesthetic_clip" / "clip-vit-large-patch14")
+    write_hypernetwork(Hypernetwork.create("hnet", [32, 64], Architecture(layer_structure=[1, 2, 1])),
+                       models / "hypernetworks" / "hnet.pt")
+    on = dict(embedding="style", steps=2, lr="0.01")
+    with standin_host(tmp_path) as host:
+        extension = load_extension(host)
+        host.shared.reload_hypernetworks()
+        model = host.load_model(tiny_checkpoint("sd1"))
+        alone, _ = run(host, model, **on)
+        p = host.processing.StableDiffusionProcessingTxt2Img(model, prompt=PROMPT + " <hypernet:hnet:0.5>",
+                                                             negative_prompt=NEGATIVE)
+        p.scripts = host.processing.always_on_scripts()
+        p.script_args = script_args(**on)
+        host.processing.prepare(p)
+        assert [hn.name for hn in host.shared.loaded_hypernetworks] == ["hnet"]
+        assert torch.equal(p.c, alone.c)                     # same personalised text, the network acts on the UNet
+        assert extension.aesthetic.personaliser.optimisations == 1
+        info = host.processing.finish(p)
+        assert "Aesthetic embedding: style" in info
