@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..errors import AlchemyError
-from ..tagger.models import PROBE_TIMEOUT_S, _offline_env, _real_files_kwargs, hub_address, hub_reachable
+from ..tagger.models import fetch_pinned, hub_reachable
 
 DEFAULT_CLIP_DIR = Path("models") / "aesthetic_clip"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -103,25 +103,8 @@ def download_clip(family: str, models_dir: str | os.PathLike, *, reachable: Call
     """Fetch the family's known CLIP files at their pinned revision into ``models_dir/<key>/``."""
     known = KNOWN_CLIPS[family]
     target = Path(models_dir) / known.key
-    if _offline_env():
-        raise AlchemyError("cannot download while HF_HUB_OFFLINE is set", target, _missing_message(family, target))
-    if not reachable():
-        host, port = hub_address()
-        raise AlchemyError(f"the Hugging Face Hub cannot be reached (no connection to {host}:{port} within "
-                           f"{PROBE_TIMEOUT_S:g}s; offline?)", target, _missing_message(family, target))
-    import huggingface_hub
-    from huggingface_hub import hf_hub_download
-
-    if report:
-        report(f"downloading {known.repo_id}@{known.revision[:10]} into {target}")
-    try:
-        for filename in known.files:
-            hf_hub_download(known.repo_id, filename, revision=known.revision, local_dir=str(target),
-                            etag_timeout=PROBE_TIMEOUT_S, **_real_files_kwargs(huggingface_hub.__version__))
-    except Exception as exc:
-        raise AlchemyError(f"download of {known.repo_id} failed ({type(exc).__name__}: {exc})", target,
-                           _missing_message(family, target)) from None
-    return target
+    return fetch_pinned(known.repo_id, known.revision, known.files, target, _missing_message(family, target),
+                        reachable=reachable, report=report)
 
 
 # ---- weights -------------------------------------------------------------------------------------------

@@ -185,43 +185,39 @@ class CreateOnlySpec:
 
 
 def create_only() -> list[CreateOnlySpec]:
-    """Every create-only method, in :data:`CREATE_ONLY_MODULES` order."""
-    out: list[CreateOnlySpec] = []
-    known = {m.key for m in methods()}
-    for name in CREATE_ONLY_MODULES:
+    """Every create-only method, in :data:`CREATE_ONLY_MODULES` order (keys distinct from the methods')."""
+    return _load(CREATE_ONLY_MODULES, taken={m.key for m in methods()})
+
+
+def find_create_only(key: str) -> CreateOnlySpec:
+    return _find(create_only(), key, "create-only method")
+
+
+def _load(modules: tuple[str, ...], taken: set[str] = frozenset()) -> list:
+    out: list = []
+    for name in modules:
         spec = importlib.import_module(name).METHOD
-        if spec.key in known or any(m.key == spec.key for m in out):
+        if spec.key in taken or any(m.key == spec.key for m in out):
             raise ValueError(f"two methods use the key {spec.key!r} ({name})")
         out.append(spec)
     return out
 
 
-def find_create_only(key: str) -> CreateOnlySpec:
-    known = create_only()
+def _find(known: list, key: str, what: str):
     for spec in known:
         if spec.key == key:
             return spec
-    raise AlchemyError(f"unknown create-only method {key!r}", fix=f"use one of: {', '.join(m.key for m in known)}")
+    raise AlchemyError(f"unknown {what} {key!r}", fix=f"use one of: {', '.join(m.key for m in known)}")
 
 
 def methods() -> list[MethodSpec]:
     """Every registered method, in :data:`METHOD_MODULES` order."""
-    out: list[MethodSpec] = []
-    for name in METHOD_MODULES:
-        spec = importlib.import_module(name).METHOD
-        if any(m.key == spec.key for m in out):
-            raise ValueError(f"two training methods use the key {spec.key!r} ({name})")
-        out.append(spec)
-    return out
+    return _load(METHOD_MODULES)
 
 
 def find(key: str) -> MethodSpec:
     """The method registered as `key`; AlchemyError listing the known keys when there is none."""
-    known = methods()
-    for spec in known:
-        if spec.key == key:
-            return spec
-    raise AlchemyError(f"unknown training method {key!r}", fix=f"use one of: {', '.join(m.key for m in known)}")
+    return _find(methods(), key, "training method")
 
 
 def for_options(cls: type) -> MethodSpec | None:
