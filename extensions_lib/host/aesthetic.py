@@ -51,11 +51,12 @@ class _Generation:
     text_ids: list[int] | None
 
     def is_negative(self, texts: list[str]) -> bool:
-        """Whether `texts` are the negative prompts of the job (and none of its prompts)."""
+        """Whether `texts` are the job's negative prompts (and none of its prompts). Texts are compared as the
+        host hands them to the encoder, so a negative prompt with scheduling syntax (``[a:b:0.5]``) reaches
+        it in pieces that are not recognised, and is personalised."""
         p = self.p
-        negatives = set(getattr(p, "all_negative_prompts", None) or []) | set(getattr(p, "negative_prompts", None) or [])
-        negatives.add(getattr(p, "negative_prompt", "") if isinstance(getattr(p, "negative_prompt", ""), str) else "")
-        positives = set(getattr(p, "all_prompts", None) or []) | set(getattr(p, "prompts", None) or [])
+        negatives = {*(getattr(p, "all_negative_prompts", None) or ()), *(getattr(p, "negative_prompts", None) or ())}
+        positives = {*(getattr(p, "all_prompts", None) or ()), *(getattr(p, "prompts", None) or ())}
         return bool(texts) and all(t in negatives and t not in positives for t in texts)
 
 
