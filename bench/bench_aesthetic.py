@@ -142,6 +142,7 @@ def main() -> None:
                 generate_from(adapter, opts, encode_fn=aesthetic.encode_fn(None, opts.negative),
                               extra_params=aesthetic.infotext())
 
+        print("generating (warm-up, first, then alternating) ...", flush=True)
         plain()                                  # warm-up
         first_plain = statistics.median(timed(plain) for _ in range(2))
         first = timed(personalised)
@@ -165,6 +166,7 @@ def main() -> None:
                 encode_pair(adapter, opts.prompt, opts.negative, opts.clip_skip,
                             aesthetic.encode_fn(None, opts.negative))
 
+        print(f"plain {plain_s:.2f} s, repeat {repeat_s:.2f} s; timing cold personalisation ...", flush=True)
         encode_times = {encode_plain: [], encode_cold: []}
         for i in range(3):
             for fn in ((encode_plain, encode_cold) if i % 2 == 0 else (encode_cold, encode_plain)):
@@ -172,6 +174,7 @@ def main() -> None:
         cold = statistics.median(encode_times[encode_cold]) - statistics.median(encode_times[encode_plain])
         del adapter, aesthetic
         gc.collect()
+        print("timing the original's recipe ...", flush=True)
         recipe = original_recipe(args.aesthetic_steps, options.lr, chunks=3, tiny=args.tiny)
 
     ratio = repeat_s / plain_s
