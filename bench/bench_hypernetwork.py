@@ -185,7 +185,8 @@ def bench_train(size: int, sizes: list[int], activation: str, runs: int) -> dict
     from PIL import Image
 
     from extensions_lib.hypernetworks.file import write_hypernetwork
-    from extensions_lib.hypernetworks.method import HypernetworkMethod, attach, frozen_model
+    from extensions_lib.hypernetworks.method import HypernetworkMethod, attach
+    from extensions_lib.train.setup import frozen_model
     from extensions_lib.hypernetworks.train_options import HypernetworkTrainOptions
     from extensions_lib.train.batches import build_training_data
     from extensions_lib.train.diffusion_loss import denoising_loss

@@ -201,7 +201,7 @@ def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
 
-    from extensions_lib.embeddings.cpu_memory import keeping_freed_memory
+    from extensions_lib.train.cpu_memory import keeping_freed_memory
 
     times = []
     with keeping_freed_memory() if keep_freed_memory else contextlib.nullcontext():

@@ -105,6 +105,10 @@ class ModelAdapter(Protocol):
     """Where computation runs (the UNet's device when parts are offloaded)."""
     dtype: torch.dtype
     """The dtype the UNet computes in."""
+    moves_parts: bool
+    """True when the adapter (or its host) moves parts between devices itself: the WebUI's
+    ``--medvram``/``--lowvram``, a standalone model loaded with ``offload``. Trainers then leave placement
+    to it (moving parts as well would fight it)."""
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """{"unet": ..., "vae": ..., "text_encoder": ... (, "text_encoder_2")} for freezing/offloading."""

@@ -121,7 +121,7 @@ def test_weight_zero_is_bit_identical_and_cache_hit_runs_no_optimisation(tiny_mo
 
 
 def test_textual_inversion_vectors_reach_the_personalised_tower(tiny_model, hf_clip, tmp_path):
-    from extensions_lib.commands.embedding import Txt2ImgEmbeddings
+    from extensions_lib.embeddings.loader import EmbeddingLoader
     model = tiny_model("sd1")
     tower = standalone_tower(model, hf_clip)
     folder = tmp_path / "emb"
@@ -133,11 +133,11 @@ def test_textual_inversion_vectors_reach_the_personalised_tower(tiny_model, hf_c
     personaliser = Personaliser()
     on = StandaloneAesthetic(model, _embedding(tower.dim), AestheticOptions(embedding="style", steps=2, lr=1e-3),
                              tower=tower, personaliser=personaliser)
-    with Txt2ImgEmbeddings(model, folder) as embeddings:
-        with_ti, _ = _encode_with(model, on, embeddings.encode_fn, "zork castle")
-    with Txt2ImgEmbeddings(model, folder) as embeddings:
+    with EmbeddingLoader(model, folder) as embeddings:
+        with_ti, _ = _encode_with(model, on, embeddings.encode, "zork castle")
+    with EmbeddingLoader(model, folder) as embeddings:
         save_embedding_pt(Embedding(name="zork", vectors=torch.randn(2, 32) * 3), folder / "zork.pt")
-        other_ti, _ = _encode_with(model, on, embeddings.encode_fn, "zork castle")
+        other_ti, _ = _encode_with(model, on, embeddings.encode, "zork castle")
     assert personaliser.optimisations == 2      # other vectors, other cache entry
     assert not torch.allclose(with_ti, other_ti)
 

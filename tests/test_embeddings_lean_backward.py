@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from extensions_lib.embeddings.lean_backward import FrozenConv2d, LeanGEGLU, lean_backward
+from extensions_lib.train.lean_backward import FrozenConv2d, LeanGEGLU, lean_backward
 
 
 def saved_bytes(fn) -> tuple[torch.Tensor, int]:

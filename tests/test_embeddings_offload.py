@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from extensions_lib.embeddings.offload import Offload, offloaded
+from extensions_lib.train.offload import Offload, offloaded
 
 
 class Block(nn.Module):
@@ -119,7 +119,7 @@ class _RecordingLibc:
 # whatever the process allocated before, so it is measured by bench/bench_textual_inversion.py, not here;
 # these tests pin down what the block asks of the allocator and that it always sets the default back.
 def test_keeping_freed_memory_raises_the_top_pad_for_the_block_and_restores_the_default(monkeypatch):
-    from extensions_lib.embeddings import cpu_memory
+    from extensions_lib.train import cpu_memory
 
     libc = _RecordingLibc()
     monkeypatch.setattr(cpu_memory, "_glibc", lambda: libc)
@@ -133,7 +133,7 @@ def test_keeping_freed_memory_raises_the_top_pad_for_the_block_and_restores_the_
 
 
 def test_keeping_freed_memory_restores_the_environments_pad_and_is_a_no_op_without_glibc(monkeypatch):
-    from extensions_lib.embeddings import cpu_memory
+    from extensions_lib.train import cpu_memory
 
     libc = _RecordingLibc()
     monkeypatch.setattr(cpu_memory, "_glibc", lambda: libc)

@@ -16,8 +16,10 @@ from extensions_lib.errors import AlchemyError
 from extensions_lib.formats.host_pt_rules import check_host_loadable
 from extensions_lib.hypernetworks.file import (optimizer_path, read_hypernetwork, read_optimizer_state,
                                                write_hypernetwork)
-from extensions_lib.hypernetworks.method import (PROVENANCE_KEY, HypernetworkMethod, attach, frozen_model,
-                                                 learn_rate_warning, plain_name, stack_conds, train_hypernetwork)
+from extensions_lib.hypernetworks.method import (PROVENANCE_KEY, HypernetworkMethod, attach, learn_rate_warning,
+                                                 plain_name, stack_conds, train_hypernetwork)
+from extensions_lib.train.lr_schedule import parse_schedule
+from extensions_lib.train.setup import frozen_model
 from extensions_lib.hypernetworks.module import Architecture, Hypernetwork
 from extensions_lib.hypernetworks.patch import apply_hypernetworks
 from extensions_lib.hypernetworks.train_options import HypernetworkTrainOptions
@@ -88,13 +90,13 @@ def model_flags(model):
 def test_defaults_and_learning_rate_warning():
     opts = HypernetworkTrainOptions()
     assert opts.learn_rate == "0.00001"  # the WebUI's hypernetwork default
-    assert learn_rate_warning(opts.learn_rate, opts.steps) is None
-    assert learn_rate_warning("5e-6:100, 1e-5", 1000) is None
+    assert learn_rate_warning(parse_schedule(opts.learn_rate, opts.steps)) is None
+    assert learn_rate_warning(parse_schedule("5e-6:100, 1e-5", 1000)) is None
     for risky in ("0.005", "1e-5:100, 1e-3", "0.0001"):
-        warning = learn_rate_warning(risky, 1000)
+        warning = learn_rate_warning(parse_schedule(risky, 1000))
         assert warning and "destroy hypernetworks" in warning and "1e-05" in warning
     with pytest.raises(AlchemyError, match="learn_rate"):
-        learn_rate_warning("fast", 10)
+        learn_rate_warning(parse_schedule("fast", 10))
 
 
 def test_plain_name_strips_the_dropdown_hash():

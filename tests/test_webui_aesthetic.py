@@ -40,13 +40,13 @@ def standalone_expected(model, folder, family, clip, vector, **values):
     from extensions_lib.aesthetic.file import AestheticEmbedding, vector_digest
     from extensions_lib.aesthetic.options import AestheticOptions
     from extensions_lib.aesthetic.standalone import StandaloneAesthetic
-    from extensions_lib.commands.embedding import Txt2ImgEmbeddings
+    from extensions_lib.embeddings.loader import EmbeddingLoader
 
     options = AestheticOptions(embedding="style", **values)
     aesthetic = StandaloneAesthetic(model, AestheticEmbedding("style", vector, vector_digest(vector)), options,
                                     clip_path=clip if family == "sd1" else None)
-    with Txt2ImgEmbeddings(model, folder) as embeddings, aesthetic, torch.no_grad():
-        fn = aesthetic.encode_fn(embeddings.encode_fn, NEGATIVE)
+    with EmbeddingLoader(model, folder) as embeddings, aesthetic, torch.no_grad():
+        fn = aesthetic.encode_fn(embeddings.encode, NEGATIVE)
         return fn(model, [PROMPT]), fn(model, [NEGATIVE])
 
 

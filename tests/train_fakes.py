@@ -28,6 +28,7 @@ class FakeAdapter:
     vae_scale_factor = 0.5
     device = torch.device("cpu")
     dtype = torch.float32
+    moves_parts = False
 
     def __init__(self, std: float = 0.1):
         self.std = std

@@ -17,6 +17,7 @@ import torch
 
 from ..adapter import LatentDistribution, TextEncoderInfo
 from ..errors import AlchemyError
+from .device import resolve_device
 from . import keymap
 from .checkpoint import Detected, detect, open_checkpoint, probe_is_v, short_hash
 from .configs import ModelConfig, alphas_cumprod_from_schedule, build_modules, load_config
@@ -44,7 +45,7 @@ class StandaloneModel:
         self.vae_scale_factor = float(config.scale_factor)
         self.alphas_cumprod = alphas_cumprod
         self.device = torch.device(device)
-        self.offload = offload
+        self.moves_parts = bool(offload)
         self.unet = parts["unet"]
         self.vae = parts["vae"]
         self.text_encoder = parts["text_encoder"]
@@ -136,7 +137,7 @@ class StandaloneModel:
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {PARTS}")
-        if not self.offload:
+        if not self.moves_parts:
             yield
             return
         # A nested block (predict() inside txt2img's use("unet"), a preview inside a training step) must not
@@ -276,11 +277,12 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
                offload: bool = False) -> LoadedParts:
     """Detect the model in `path` and load the `names` parts of it (all by default) for `device`.
 
-    The parts are placed on `device`, or kept on the CPU with `offload`. With "unet" among them, an SD2
-    file's prediction type is settled by the WebUI's probe (unless a yaml or `config_override` says).
+    The parts are placed on `device` ("auto": cuda when there is one), or kept on the CPU with `offload`.
+    With "unet" among them, an SD2 file's prediction type is settled by the WebUI's probe (unless a yaml or
+    `config_override` says).
     """
     path = Path(path)
-    device = torch.device(device)
+    device = resolve_device(device)
     home = torch.device("cpu") if offload else device
     with open_checkpoint(path) as reader:
         detected = detect(reader)
@@ -313,8 +315,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     dtype: compute dtype; by default float32 on CPU, the file's half precision elsewhere.
     config_override: use this config instead of detecting one (its prediction type is final).
     offload: keep parts on the CPU until :meth:`StandaloneModel.use` needs them on `device`.
+    device: where it runs; "auto" is cuda when there is one.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     loaded = load_parts(path, PARTS, device, dtype, config_override, offload)
     return StandaloneModel(path=Path(path), config=loaded.config, parts=loaded.parts,
                            alphas_cumprod=loaded.alphas_cumprod, device=device, offload=offload,

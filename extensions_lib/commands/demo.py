@@ -45,13 +45,12 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..backend.device import resolve_device
     from ..backend.standalone import load_model
     from ..backend.tiny import make_tiny_checkpoint
     from ..demo_data import make_sample_dataset
     from ..embeddings.create import create_embedding
-    from ..embeddings.method import train_embedding
+    from ..embeddings.session import train_embedding
     from ..embeddings.options import EmbeddingTrainOptions
     from ..preprocess.options import CaptionAction, PreprocessOptions
     from ..preprocess.run import preprocess_directory
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     tiny = opts.ckpt is None
     size = opts.size or (64 if tiny else 512)
     steps = opts.steps or (150 if tiny else 500)
-    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(opts.device))
 
     ckpt = opts.ckpt
     if tiny:

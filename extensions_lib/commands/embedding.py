@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..errors import AlchemyError
 from ..options import from_cli, option
-from .method_commands import add_action, device_name, report_result, require_checkpoint, step_bar, training_options
+from .method_commands import add_action, report_result, require_checkpoint, step_bar, training_plan
 
 DEFAULT_DIR = Path("embeddings")
 
@@ -74,7 +74,7 @@ def load_text_encoder(ckpt: Path | None, device: str = "cpu") -> TextEncoderOnly
     from ..backend.standalone import load_parts
     from ..backend.tokenizer import make_tokenizer
 
-    loaded = load_parts(ckpt, ("text_encoder",), device=device_name(device))
+    loaded = load_parts(ckpt, ("text_encoder",), device=device)
     config = loaded.config
     module = loaded.parts["text_encoder"]
     info = TextEncoderInfo(key="", width=int(config.text_encoder["hidden_size"]),
@@ -121,16 +121,15 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..backend.standalone import load_model
-    from ..embeddings.method import check_schedules
     from ..embeddings.options import EmbeddingTrainOptions
     from ..embeddings.session import TrainingSession
 
     command = from_cli(ModelCommand, args)
-    opts = training_options(EmbeddingTrainOptions, args)
+    plan = training_plan(EmbeddingTrainOptions, args)
+    opts = plan.options
     ckpt = require_checkpoint(command.ckpt)
-    check_schedules(opts)  # before the slow model load
-    adapter = load_model(ckpt, device=device_name(command.device))
-    with TrainingSession(adapter, opts) as session:
+    adapter = load_model(ckpt, device=command.device)
+    with TrainingSession(adapter, plan) as session:
         with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
             def encoded(done: int, total: int) -> None:
                 bar.total = total
@@ -147,34 +146,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ---- txt2img ----------------------------------------------------------------------------------------------------
 
-class Txt2ImgEmbeddings:
-    """The embeddings folder one txt2img run uses (none when `directory` is None): a context manager that
-    patches the text encoder, with the ``encode_fn`` and infotext entries generation takes."""
+def txt2img_embeddings(adapter, directory: Path | None):
+    """The :class:`~extensions_lib.embeddings.loader.EmbeddingLoader` of the embeddings folder one txt2img
+    run uses (None without a folder); files it skips are reported."""
+    if directory is None:
+        return None
+    if not Path(directory).is_dir():
+        raise AlchemyError("embeddings folder not found", directory, "give --embeddings-dir an existing folder")
+    from ..embeddings.loader import EmbeddingLoader
 
-    def __init__(self, adapter, directory: Path | None):
-        self.loader = None
-        if directory is None:
-            return
-        if not Path(directory).is_dir():
-            raise AlchemyError("embeddings folder not found", directory, "give --embeddings-dir an existing folder")
-        from ..embeddings.loader import EmbeddingLoader
-
-        self.loader = EmbeddingLoader(adapter, directory)
-        for entry in self.loader.library.skipped:
-            print(f"alchemy: warning: embedding {entry.describe()}", file=sys.stderr)
-
-    def __enter__(self) -> "Txt2ImgEmbeddings":
-        if self.loader is not None:
-            self.loader.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.loader is not None:
-            self.loader.__exit__(*exc)
-
-    @property
-    def encode_fn(self):
-        return self.loader.encode if self.loader is not None else None
-
-    def infotext(self, prompts: list[str]) -> dict[str, str]:
-        return self.loader.infotext_params(prompts) if self.loader is not None else {}
+    loader = EmbeddingLoader(adapter, directory)
+    for entry in loader.library.skipped:
+        print(f"alchemy: warning: embedding {entry.describe()}", file=sys.stderr)
+    return loader

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ from typing import Optional
 from ..errors import AlchemyError
 from ..options import add_cli_arguments, from_cli, option
 from ..sampling.infotext import save_png
-from ..sampling.txt2img import GenerationOptions, check_options, generate_from
+from ..sampling.txt2img import GenerationOptions, check_options
 
 
 @dataclass
@@ -64,26 +65,24 @@ def run(args: argparse.Namespace) -> int:
     from .hypernetwork import txt2img_hypernetworks
     hypernets = txt2img_hypernetworks(command.hypernetwork, command.hypernetwork_dir, opts.prompt)
 
-    import torch
     from tqdm import tqdm
 
     from ..backend.standalone import load_model
+    from ..generation import generate_with_networks
+    from .embedding import txt2img_embeddings
 
-    device = command.device if command.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    adapter = load_model(command.ckpt, device=device)
-    from .embedding import Txt2ImgEmbeddings
-    embeddings = Txt2ImgEmbeddings(adapter, command.embeddings_dir)
+    adapter = load_model(command.ckpt, device=command.device)
+    embeddings = txt2img_embeddings(adapter, command.embeddings_dir)
     from ..aesthetic.options import AestheticOptions
     from .aesthetic import Txt2ImgAesthetic
     aesthetic = Txt2ImgAesthetic(adapter, command.aesthetic, from_cli(AestheticOptions, args), command.aesthetic_dir,
                                  command.aesthetic_clip, download=command.aesthetic_download)
     opts = replace(opts, prompt=hypernets.prompt)
-    with hypernets.applied(adapter), embeddings, aesthetic, \
-            tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
-        images = generate_from(adapter, opts, callback=lambda info: bar.update(1),
-                               encode_fn=aesthetic.encode_fn(embeddings.encode_fn, opts.negative),
-                               extra_params={**hypernets.infotext, **embeddings.infotext([opts.prompt, opts.negative]),
-                                             **aesthetic.infotext()})
+    with tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
+        images = generate_with_networks(adapter, opts, hypernetworks=hypernets.chosen, embeddings=embeddings,
+                                        aesthetic=aesthetic,
+                                        callback=lambda info: bar.update(1),
+                                        warn=lambda line: print(f"alchemy: warning: {line}", file=sys.stderr))
     for image, path in zip(images, paths):
         save_png(image, path)
         print(path)

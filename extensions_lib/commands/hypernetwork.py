@@ -8,15 +8,14 @@ WebUI's hypernetwork setting: it adds ``<hypernet:NAME:MULT>`` unless the prompt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from ..errors import AlchemyError
 from ..options import from_cli, option
-from .method_commands import add_action, device_name, report_result, require_checkpoint, step_bar, training_options
+from .method_commands import add_action, report_result, require_checkpoint, step_bar, training_plan
 
 DEFAULT_DIR = Path("models/hypernetworks")
 
@@ -73,12 +72,13 @@ def run_train(args: argparse.Namespace) -> int:
     from ..hypernetworks.train_options import HypernetworkTrainOptions
 
     command = from_cli(TrainCommand, args)
-    opts = training_options(HypernetworkTrainOptions, args)
+    plan = training_plan(HypernetworkTrainOptions, args)
+    opts = plan.options
     ckpt = require_checkpoint(command.ckpt)
     load_for_training(opts)  # a missing or broken hypernetwork is reported before the slow model load
-    adapter = load_model(ckpt, device=device_name(command.device))
+    adapter = load_model(ckpt, device=command.device)
     with step_bar(opts.steps, f"training {opts.hypernetwork_name}") as progress:
-        result = train_hypernetwork(adapter, opts, callbacks=progress, say=_say)
+        result = train_hypernetwork(adapter, plan, callbacks=progress, say=_say)
     return report_result(result, "hypernetwork train", ckpt)
 
 
@@ -107,34 +107,16 @@ class Txt2ImgHypernetworks:
     @property
     def infotext(self) -> dict[str, str]:
         """Infotext entries: names and, when any is not 1, the strengths."""
-        if not self.chosen:
-            return {}
-        params = {"Hypernet": ", ".join(hn.name for hn, _ in self.chosen)}
-        if any(mult != 1 for _, mult in self.chosen):
-            params["Hypernet strength"] = ", ".join(f"{mult:g}" for _, mult in self.chosen)
-        return params
+        from ..generation import hypernetwork_infotext
 
-    @contextlib.contextmanager
-    def applied(self, adapter) -> Iterator[None]:
-        """The hypernetworks patched into `adapter`'s attention for the block, removed afterwards."""
-        if not self.chosen:
-            yield
-            return
-        from ..hypernetworks.patch import apply_hypernetworks
-
-        with apply_hypernetworks(self.chosen, adapter.attention_modules()) as patch:
-            if patch.unused:
-                print(f"alchemy: warning: {patch.summary()}", file=sys.stderr)
-            yield
+        return hypernetwork_infotext(self.chosen)
 
 
 def txt2img_hypernetworks(flags: list[str] | None, directory: str | Path, prompt: str) -> Txt2ImgHypernetworks:
     """The prompt's ``<hypernet:NAME:MULT>`` tags, then each ``--hypernetwork`` whose name no tag names."""
-    from ..hypernetworks.prompt import parse_hypernet_tags
+    from ..generation import choose_hypernetworks
 
-    prompt, wanted = parse_hypernet_tags(prompt)
-    named = {name for name, _ in wanted}
-    wanted += [(name, mult) for name, mult in map(parse_hypernetwork_flag, flags or []) if name not in named]
+    prompt, wanted = choose_hypernetworks(prompt, [parse_hypernetwork_flag(flag) for flag in flags or []])
     if not wanted:
         return Txt2ImgHypernetworks(prompt)
     from ..hypernetworks.file import read_hypernetwork

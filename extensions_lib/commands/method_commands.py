@@ -34,30 +34,22 @@ def given_options(cls, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> 
             if s.name not in skip and getattr(args, s.name, None) is not None}
 
 
-def training_options(cls, args: argparse.Namespace):
-    """The options of a new run (seed resolved), or with ``--resume`` the saved ones overridden by the
-    flags given."""
-    from ..train.options import resolve_seed
+def training_plan(cls, args: argparse.Namespace):
+    """The checked :class:`~extensions_lib.train.plan.RunPlan` of a new run (seed resolved, schedules
+    parsed), or with ``--resume`` of the saved options overridden by the flags given. Made before the slow
+    model load, so a bad option is reported at once."""
+    from ..train.plan import plan_run
     from ..train.resume import resume_options
 
     if getattr(args, "resume", None):
-        return resume_options(args.resume, cls, given_options(cls, args, skip=("resume",)))
-    return resolve_seed(from_dict(cls, given_options(cls, args), source="command line"))
+        return plan_run(resume_options(args.resume, cls, given_options(cls, args, skip=("resume",))))
+    return plan_run(from_dict(cls, given_options(cls, args), source="command line"))
 
 
 def require_checkpoint(ckpt: Path | None) -> Path:
     if ckpt is None:
         raise AlchemyError("no checkpoint given", fix="pass --ckpt path/to/model.safetensors (the model to train on)")
     return ckpt
-
-
-def device_name(name: str) -> str:
-    """`name`, or for "auto" cuda when there is one, else cpu."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextlib.contextmanager

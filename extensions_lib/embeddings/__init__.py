@@ -7,9 +7,9 @@
 - ``loader``: the three together, as the ``encode_fn`` generation takes.
 - ``create``: a new embedding from an initialization text.
 - ``options`` / ``method``: training one embedding over the trainer core.
-- ``session``: the model set up for training and restored after (``train_embedding`` is the entry point);
-  its memory helpers: ``offload`` and ``token_rows`` (parts training does not read kept out of memory),
-  ``lean_backward`` (frozen layers that save less for backward), ``cpu_memory`` (glibc settings).
+- ``session``: the model set up for training and restored after (``train_embedding`` is the entry point),
+  over the trainer core's :class:`~extensions_lib.train.setup.RunSetup`; ``token_rows`` serves the rows
+  prompts use while the token-embedding matrices are out of memory.
 
 File formats live in ``extensions_lib.formats.embedding*``.
 """

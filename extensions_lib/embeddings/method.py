@@ -7,7 +7,8 @@ nothing for the frozen models. The vectors reach the text encoder through the em
 (:mod:`.patch`): prompts are encoded with :func:`extensions_lib.prompt.encode_prompts` and a matcher
 that knows only the embedding being trained, exactly as the loader encodes them later. Latents come
 from the trainer core's latent cache, so the VAE encodes each image once per run; after that
-:class:`~.session.TrainingSession` keeps what training does not read out of memory.
+:class:`~.session.TrainingSession` keeps what training does not read out of memory
+(``session.train_embedding`` is the entry point).
 
 Files, as the WebUI lays them out: ``<log>/embeddings/<name>-<step>.pt`` every "save every" steps (and
 when stopped), ``<log>/images/<name>-<step>.png`` previews, ``<log>/image_embeddings/<name>-<step>.png``
@@ -34,12 +35,12 @@ from ..sampling.infotext import save_png
 from ..sampling.txt2img import GenerationOptions, check_options, generate_from
 from ..train.batches import Batch, build_training_data
 from ..train.diffusion_loss import denoising_loss
-from ..train.lr_schedule import parse_schedule
+from ..train.offload import OffloadSet
+from ..train.plan import RunPlan, plan_run
 from ..train.preview import preview_generation
 from ..train.provenance import collect
 from .library import EmbeddingLibrary
 from .matcher import EmbeddingMatcher
-from .offload import OffloadSet
 from .options import EmbeddingTrainOptions
 from .patch import unwrap
 
@@ -73,6 +74,8 @@ class TextualInversion:
         self.matcher = EmbeddingMatcher(adapter.tokenizer, [self.trained])
         self.last_prompts: list[str] = []
         self._checked_prompts: set[str] = set()
+        self.plan: RunPlan | None = None
+        """The run's checked options (set by :func:`prepare`)."""
         self.away: OffloadSet | None = None
         """Set while training with unused parts out of memory (see :class:`~.session.TrainingSession`); previews
         bring them back for their duration."""
@@ -179,31 +182,26 @@ class TextualInversion:
                 self._checked_prompts.add(prompt)
 
 
-def check_schedules(options: EmbeddingTrainOptions) -> None:
-    """Parse the learning-rate and clipping schedules now, before any slow work."""
-    parse_schedule(options.learn_rate, options.steps, option="learn_rate")
-    if options.clip_grad_mode != "disabled":
-        parse_schedule(options.clip_grad_value, options.steps, option="clip_grad_value")
-
-
 def final_path_for(path: Path) -> Path:
     """Where the trained embedding goes: over its source file, or a ``.pt`` beside an image/``.bin``."""
     return path if path.suffix.lower() in WRITABLE_SUFFIXES else path.with_suffix(".pt")
 
 
-def prepare(adapter, options: EmbeddingTrainOptions, on_progress: Callable[[int, int], None] | None = None, *,
+def prepare(adapter, options: EmbeddingTrainOptions | RunPlan,
+            on_progress: Callable[[int, int], None] | None = None, *,
             devices: dict[str, torch.device] | None = None) -> TextualInversion:
     """Check the options and inputs, encode the dataset's latents and build the method.
 
-    Every check that can fail runs before anything is written. `options.seed` must be resolved
-    (:func:`extensions_lib.train.options.resolve_seed`). devices: where each encoder's vectors live (by
-    default where its token embedding is; :class:`~.session.TrainingSession` passes them because it moves the
-    matrices away first).
+    Every check that can fail runs before anything is written. `options`: the run's options (a seed of -1
+    is resolved here) or the :class:`~extensions_lib.train.plan.RunPlan` made of them. devices: where each
+    encoder's vectors live (by default where its token embedding is; :class:`~.session.TrainingSession`
+    passes them because it moves the matrices away first).
     """
+    plan = plan_run(options)
+    options = plan.options
     if not options.embedding_name:
         raise AlchemyError("no embedding chosen", fix="give the name of an embedding in the embeddings folder "
                                                       "(create one first with 'alchemy embedding create')")
-    check_schedules(options)
     check_options(GenerationOptions(width=options.training_width, height=options.training_height,
                                     sampler=options.preview_sampler))
     entry = EmbeddingLibrary.for_model(options.embeddings_dir, adapter).entry(options.embedding_name)
@@ -211,16 +209,8 @@ def prepare(adapter, options: EmbeddingTrainOptions, on_progress: Callable[[int,
     provenance = collect(adapter, data.dataset, source_note=options.source_note, method="textual_inversion")
     method = TextualInversion(adapter, options, entry.embedding, data, provenance,
                               final_path=final_path_for(entry.path), devices=devices)
+    method.plan = plan
     caption = data.dataset.entries[0].caption
     method.check_prompts([line.replace("[filewords]", caption).replace("[name]", entry.name)
                           for line in data.template.lines])
     return method
-
-
-def train_embedding(adapter, options: EmbeddingTrainOptions, callbacks=(), cancel=None,
-                    on_progress: Callable[[int, int], None] | None = None,
-                    method: TextualInversion | None = None):
-    """:func:`extensions_lib.embeddings.session.train_embedding` (the usual entry point; kept here too)."""
-    from .session import train_embedding as run  # the session builds on this module
-
-    return run(adapter, options, callbacks, cancel, on_progress, method)

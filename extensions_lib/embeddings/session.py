@@ -1,38 +1,26 @@
 """Setting the model up for training an embedding, and undoing it: :class:`TrainingSession`.
 
-Beyond the embedding patch the method needs, a session keeps what training does not read out of memory
-(the VAE once the latents are cached, and every row of the token-embedding matrices no prompt uses:
-:mod:`.offload`, :mod:`.token_rows`) and, on the CPU, has the UNet's frozen layers save less for
-backward (:mod:`.lean_backward`) and glibc keep freed memory for the next step (:mod:`.cpu_memory`).
-Previews bring everything back for their duration; leaving the session restores the model exactly.
+The session is a :class:`~extensions_lib.train.setup.RunSetup` (every model weight frozen) with the
+embedding patch the method needs; beyond that it keeps what training does not read out of memory (the VAE
+once the latents are cached, and every row of the token-embedding matrices no prompt uses:
+:mod:`extensions_lib.train.offload`, :mod:`.token_rows`) and, on the CPU, has the UNet's frozen layers save
+less for backward (:mod:`extensions_lib.train.lean_backward`). Previews bring everything back for their
+duration; leaving the session restores the model exactly.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
+import sys
 from typing import Callable
 
-from torch import nn
-
 from ..train.loop import TrainResult, train
-from .cpu_memory import keeping_freed_memory, release_free_memory
-from .lean_backward import lean_backward
+from ..train.offload import Offload, OffloadSet
+from ..train.plan import RunPlan
+from ..train.setup import RunSetup, all_real
 from .method import TextualInversion, prepare
-from .offload import Offload, OffloadSet
 from .options import EmbeddingTrainOptions
 from .patch import EmbeddingPatch, patch_text_encoders, unwrap
 from .token_rows import TokenRows, can_stand_in_for
-
-
-def may_move_parts(adapter) -> bool:
-    """False when the adapter (or its host: WebUI ``--medvram``/``--lowvram``, a standalone model loaded with
-    ``offload``) moves parts between devices itself: moving them as well would fight it."""
-    return not (getattr(adapter, "offloaded", False) or getattr(adapter, "offload", False))
-
-
-def _all_real(module: nn.Module) -> bool:
-    """No meta tensor in `module` (a host may park parts as meta tensors; those are not ours to move)."""
-    return not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
 
 
 def token_tables(patch: EmbeddingPatch) -> OffloadSet:
@@ -41,7 +29,7 @@ def token_tables(patch: EmbeddingPatch) -> OffloadSet:
     offloads, stand_ins = [], []
     for wrapper in patch.wrappers:
         table = wrapper.wrapped
-        if can_stand_in_for(table) and _all_real(table):
+        if can_stand_in_for(table) and all_real(table):
             offload = Offload(table)
             offloads.append(offload)
             stand_ins.append((wrapper, TokenRows(functools.partial(offload.read_rows, "weight"), *table.weight.shape,
@@ -58,7 +46,7 @@ def unused_parts(adapter, patch: EmbeddingPatch) -> OffloadSet:
     """Everything training never reads once the latents are cached: the VAE and the token-embedding rows
     no prompt uses."""
     vae = adapter.modules().get("vae")
-    return OffloadSet([token_tables(patch), *([Offload(vae)] if vae is not None and _all_real(vae) else [])])
+    return OffloadSet([token_tables(patch), *([Offload(vae)] if vae is not None and all_real(vae) else [])])
 
 
 class TrainingSession:
@@ -68,38 +56,39 @@ class TrainingSession:
             method = session.prepare()        # checks, latents (VAE), the method
             result = session.train(callbacks)
 
-    Entering patches the text encoder and (``options.offload_unused``, unless the adapter or its host
-    places parts itself: :func:`may_move_parts`) moves the token-embedding matrices out of memory (:func:`token_tables`); :meth:`train` also moves the VAE away once the latents are
-    cached, then runs the trainer core's loop (see the module docstring for the rest).
+    Entering freezes the model and patches the text encoder, and (``options.offload_unused``, unless the
+    adapter or its host places parts itself: ``adapter.moves_parts``) moves the token-embedding matrices out
+    of memory (:func:`token_tables`); :meth:`train` also moves the VAE away once the latents are cached, then
+    runs the trainer core's loop (see the module docstring for the rest). `options` may be the
+    :class:`~extensions_lib.train.plan.RunPlan` made of them.
     """
 
-    def __init__(self, adapter, options: EmbeddingTrainOptions):
+    def __init__(self, adapter, options: EmbeddingTrainOptions | RunPlan):
         self.adapter = adapter
         self.options = options
-        self.moves_parts = options.offload_unused and may_move_parts(adapter)
+        self.setup = RunSetup(adapter)
+        run_options = options.options if isinstance(options, RunPlan) else options
+        self.moves_parts = run_options.offload_unused and self.setup.may_move_parts
         self.method: TextualInversion | None = None
-        self._patch: EmbeddingPatch | None = None
         self._tables: OffloadSet | None = None
 
     def __enter__(self) -> "TrainingSession":
-        self.devices = {info.key: unwrap(info.token_embedding).weight.device for info in self.adapter.text_encoders}
-        self._patch = patch_text_encoders(self.adapter)
+        setup = self.setup.__enter__()
         try:
+            self.devices = {info.key: unwrap(info.token_embedding).weight.device
+                            for info in self.adapter.text_encoders}
+            self._patch = patch_text_encoders(self.adapter)
+            setup.undo_with(self._patch.unpatch)
             if self.moves_parts:
                 self._tables = token_tables(self._patch)
-                self._tables.move_away()
+                setup.move_away(self._tables)
         except BaseException:
-            self.__exit__()
+            self.setup.__exit__(*sys.exc_info())
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        try:
-            if self._tables is not None:
-                self._tables.put_back()
-        finally:
-            self._tables = None
-            self._patch.unpatch()
+    def __exit__(self, *exc) -> bool:
+        return self.setup.__exit__(*exc)
 
     def prepare(self, on_progress: Callable[[int, int], None] | None = None) -> TextualInversion:
         self.method = prepare(self.adapter, self.options, on_progress, devices=self.devices)
@@ -107,32 +96,24 @@ class TrainingSession:
 
     def train(self, callbacks=(), cancel=None) -> TrainResult:
         method = self.method if self.method is not None else self.prepare()
+        setup = self.setup
         vae = self.adapter.modules().get("vae") if self.moves_parts else None
-        vae_away = Offload(vae) if vae is not None and _all_real(vae) else None
+        vae_away = Offload(vae) if vae is not None and all_real(vae) else None
+        if vae_away is not None:
+            setup.move_away(vae_away)
         parts = [part for part in (self._tables, vae_away) if part is not None]
         method.away = OffloadSet(parts) if parts else None
-        if vae_away is not None:
-            vae_away.move_away()
-        release_free_memory()
-        on_cpu = self.adapter.device.type == "cpu"
-        unet = self.adapter.modules().get("unet")
-        # CPU only for now: the lean layers' backward under CUDA autocast has not been run on a GPU yet.
-        lean = lean_backward(unet) if unet is not None and on_cpu else contextlib.nullcontext()
-        try:
-            with lean, keeping_freed_memory() if on_cpu else contextlib.nullcontext():
-                return train(method, self.options, callbacks, cancel)
-        finally:
-            method.away = None
-            release_free_memory()
-            if vae_away is not None:
-                vae_away.put_back()
+        setup.undo_with(lambda: setattr(method, "away", None))
+        setup.release_memory()
+        setup.lean_backward()
+        return train(method, method.plan, callbacks, cancel)
 
 
-def train_embedding(adapter, options: EmbeddingTrainOptions, callbacks=(), cancel=None,
+def train_embedding(adapter, options: EmbeddingTrainOptions | RunPlan, callbacks=(), cancel=None,
                     on_progress: Callable[[int, int], None] | None = None,
                     method: TextualInversion | None = None) -> TrainResult:
     """Train ``options.embedding_name`` on `adapter` in a :class:`TrainingSession` (the model is restored
-    exactly afterwards). `method`: one made earlier with :func:`prepare` for this adapter and options."""
+    exactly afterwards). `method`: one made earlier with :func:`~.method.prepare` for this adapter and options."""
     with TrainingSession(adapter, options) as session:
         session.method = method
         if method is None:

@@ -3,7 +3,7 @@
 While an embedding trains, the text encoder's 49408-row token-embedding matrix is frozen and only the
 rows of the tokens in the training prompts are ever read (a few dozen). :class:`TokenRows` stands in
 for the matrix during training: it gathers the rows it has seen so far and fetches others when a
-prompt first uses them (from the offloaded matrix, see :meth:`~.offload.Offload.read_rows`). Its
+prompt first uses them (from the offloaded matrix, see :meth:`extensions_lib.train.offload.Offload.read_rows`). Its
 output is the matrix's rows themselves, so encodings are bit-identical; the matrix itself can stay out
 of memory (150 MB for SD1, 200 MB for SD2).
 """

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AlchemyError
+from ..library_cache import LibraryCache
 from . import settings as st
 from .handles import HostHandles
 from .aesthetic import AestheticWiring
@@ -47,7 +48,7 @@ class AlchemyExtension:
         self.aesthetic = AestheticWiring(lambda: self.h.models_path() / "aesthetic_embeddings",
                                          lambda: self.h.models_path() / "aesthetic_clip", lambda: self.opts,
                                          self.watch.token)
-        self._hn_libraries: dict[Path, Any] = {}
+        self._hn_libraries = LibraryCache(_hypernetwork_library)
         self._tagger_slot = None
         self.problems: list[str] = []
         """Things the user should know (settings that were ignored, host parts missing), shown in our tab."""
@@ -62,15 +63,7 @@ class AlchemyExtension:
                                   models=self.h.models_path(), data=self.h.data_path())
 
     def hypernetwork_library(self):
-        from ..hypernetworks.library import HypernetworkLibrary
-
-        folder = self.folders().hypernetworks
-        library = self._hn_libraries.get(folder)
-        if library is None:
-            library = self._hn_libraries[folder] = HypernetworkLibrary(folder)
-        else:
-            library.refresh()
-        return library
+        return self._hn_libraries.get(self.folders().hypernetworks)
 
     def context(self, preview_params=None):
         """The :class:`~extensions_lib.jobs.context.UIContext` the tabs and the API work with, from the
@@ -248,6 +241,12 @@ class AlchemyExtension:
         out += [{"name": name, "file": path, "widths": [], "usable": True, "reason": None}
                 for name, path in self.hypernetworks.host_names().items() if name not in mine]
         return out
+
+
+def _hypernetwork_library(folder: Path):
+    from ..hypernetworks.library import HypernetworkLibrary
+
+    return HypernetworkLibrary(folder)
 
 
 def _error_html(what: str, exc: BaseException) -> str:

@@ -97,7 +97,7 @@ class WebUIModelAdapter:
         self.device = torch.device(device)
         self.family = model_family(sd_model)
         self.prediction_type = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
-        self.offloaded = bool(getattr(sd_model, "lowvram", False))
+        self.moves_parts = bool(getattr(sd_model, "lowvram", False))  # --medvram and --lowvram both set it
         cond = sd_model.conditioner if self.family == "sdxl" else sd_model.cond_stage_model
         self._cond = cond
         self._wrapped = getattr(cond, "wrapped", cond)
@@ -146,7 +146,7 @@ class WebUIModelAdapter:
     def text_encoders(self) -> list[TextEncoderInfo]:
         """The encoders, their token embeddings brought to the device first when the host offloads: code
         that reads token vectors (initialisation text) through here never sees a parked copy."""
-        if self.offloaded:
+        if self.moves_parts:
             run_placement_hook(self.modules()["text_encoder"])
         return self._encoders
 
@@ -239,7 +239,7 @@ class WebUIModelAdapter:
         unknown = set(parts) - set(PARTS)
         if unknown:
             raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {PARTS}")
-        if self.offloaded:
+        if self.moves_parts:
             modules = self.modules()
             for part in parts:
                 run_placement_hook(modules[part])

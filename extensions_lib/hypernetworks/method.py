@@ -1,10 +1,10 @@
 """Hypernetwork training over the trainer core (the WebUI's ``train_hypernetwork``).
 
-:func:`train_hypernetwork` loads the hypernetwork from its folder, freezes the model (no parameter of it
-requires a gradient, every module in eval mode), attaches the hypernetwork to the attention layers,
-puts only the hypernetwork in training mode (its dropout on, multiplier 1) and runs
-:func:`extensions_lib.train.loop.train` with a :class:`HypernetworkMethod`; afterwards the patch is
-removed and the model's flags are restored exactly.
+:func:`train_hypernetwork` loads the hypernetwork from its folder and, in a
+:class:`~extensions_lib.train.setup.RunSetup` (no model parameter requires a gradient, every module in eval
+mode), attaches the hypernetwork to the attention layers, puts only the hypernetwork in training mode (its
+dropout on, multiplier 1) and runs :func:`extensions_lib.train.loop.train` with a
+:class:`HypernetworkMethod`; afterwards the patch is removed and the model's flags are restored exactly.
 
 As in the WebUI, the text conditioning is computed once when prompts are static (one template line, no
 tag shuffling or dropout) and each step otherwise. What differs, on purpose: the trained file goes back
@@ -14,11 +14,10 @@ host's loader ignores, and no gradient checkpointing is switched on (the WebUI's
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -29,11 +28,12 @@ from ..sampling.txt2img import GenerationOptions, generate_from
 from ..train.batches import Batch, build_training_data
 from ..train.diffusion_loss import denoising_loss
 from ..train.loop import TrainResult, train
-from ..train.lr_schedule import parse_schedule
-from ..train.options import resolve_seed
+from ..train.lr_schedule import Schedule
+from ..train.plan import RunPlan, plan_run
 from ..train.preview import preview_generation
 from ..train.provenance import Provenance, collect
 from ..train.rng import global_rng_preserved
+from ..train.setup import RunSetup
 from .file import optimizer_path, read_hypernetwork, read_optimizer_state, shorthash, to_file_dict
 from .library import find
 from .module import Hypernetwork
@@ -52,9 +52,8 @@ hypernetworks are reported to turn into noise, unrecoverably (webui #2269: "the 
 [rate] will destroy any existing hypernetwork"; users recommend 5e-7 to 1e-5)."""
 
 
-def learn_rate_warning(learn_rate: str, steps: int) -> str | None:
-    """A warning when any rate of the schedule is in the range known to destroy hypernetworks."""
-    schedule = parse_schedule(learn_rate, steps, option="learn_rate")
+def learn_rate_warning(schedule: Schedule) -> str | None:
+    """A warning when any rate of the learning-rate schedule is in the range known to destroy hypernetworks."""
     highest = max(rate for rate, _ in schedule.entries)
     if highest < RISKY_LEARN_RATE:
         return None
@@ -69,25 +68,6 @@ def plain_name(name: str) -> str:
 
 
 # ---- the model while training -------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def frozen_model(adapter) -> Iterator[None]:
-    """Every model parameter without gradient and every module in eval mode inside the block; the
-    previous flags are restored exactly afterwards."""
-    parts = list(adapter.modules().values())
-    grads = [(p, p.requires_grad) for part in parts for p in part.parameters()]
-    modes = [(m, m.training) for part in parts for m in part.modules()]
-    for part in parts:
-        part.requires_grad_(False)
-        part.eval()
-    try:
-        yield
-    finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in modes:
-            m.training = flag
-
 
 def attach(hypernetwork: Hypernetwork, adapter, path: Path, say: Callable[[str], None]) -> HypernetworkPatch:
     """Apply `hypernetwork` (strength 1) to the model's attention; an error when no width of it occurs."""
@@ -259,9 +239,11 @@ def load_for_training(options: HypernetworkTrainOptions) -> tuple[Hypernetwork, 
     return hn, path
 
 
-def train_hypernetwork(adapter, options: HypernetworkTrainOptions, callbacks: Callable | Sequence[Callable] = (),
-                       cancel: Any = None, say: Callable[[str], None] | None = None) -> TrainResult:
-    """Train the hypernetwork `options` names on `adapter`'s model; returns the loop's result.
+def train_hypernetwork(adapter, options: HypernetworkTrainOptions | RunPlan,
+                       callbacks: Callable | Sequence[Callable] = (), cancel: Any = None,
+                       say: Callable[[str], None] | None = None) -> TrainResult:
+    """Train the hypernetwork `options` names on `adapter`'s model; returns the loop's result. `options`
+    may be the :class:`~extensions_lib.train.plan.RunPlan` made of them (a seed of -1 is resolved here).
 
     say: where warnings go as they arise (default: logging); they are also in ``result.warnings``.
     ``options.resume`` continues a stopped run exactly (build the options with
@@ -273,23 +255,20 @@ def train_hypernetwork(adapter, options: HypernetworkTrainOptions, callbacks: Ca
         warnings.append(message)
         (say or log.warning)(message)
 
-    if not options.resume:
-        options = resolve_seed(options)
-    risky = learn_rate_warning(options.learn_rate, options.steps)
+    plan = plan_run(options)
+    options = plan.options
+    risky = learn_rate_warning(plan.learn_rate)
     if risky:
         note(risky)
     hn, path = load_for_training(options)
-    with frozen_model(adapter):
+    with RunSetup(adapter) as setup:
         data = build_training_data(adapter, options, name=hn.name, require_name=False)
         provenance = collect(adapter, data.dataset, source_note=options.source_note, method="hypernetwork")
-        patch = attach(hn, adapter, path, note)
-        try:
-            hn.set_multiplier(1.0)
-            hn.train()
-            method = HypernetworkMethod(adapter, hn, data, options, provenance, final_path=path, say=note)
-            result = train(method, options, callbacks, cancel)
-        finally:
-            patch.unpatch()
-            hn.eval()
+        setup.undo_with(hn.eval)
+        setup.undo_with(attach(hn, adapter, path, note).unpatch)
+        hn.set_multiplier(1.0)
+        hn.train()
+        method = HypernetworkMethod(adapter, hn, data, options, provenance, final_path=path, say=note)
+        result = train(method, plan, callbacks, cancel)
     result.warnings[:0] = warnings
     return result

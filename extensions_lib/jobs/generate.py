@@ -1,4 +1,5 @@
-"""txt2img for the standalone app: the loaded embeddings and hypernetworks applied around ``generate``.
+"""txt2img for the standalone app: the loaded embeddings and hypernetworks applied around ``generate``
+(the same path as ``alchemy txt2img``: :mod:`extensions_lib.generation`).
 
 Embeddings are matched in the prompt by name (the library is rescanned before every generation, so a
 freshly trained file is usable at once); hypernetworks come from ``<hypernet:name:mult>`` tags and from
@@ -7,14 +8,13 @@ generation, so the model is unpatched whenever no generation runs.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from ..errors import Cancelled
-from ..sampling.txt2img import GenerationOptions, generate_from
+from ..library_cache import LibraryCache
+from ..sampling.txt2img import GenerationOptions
 from .context import UIContext
 from .progress import JobContext
 
@@ -25,11 +25,14 @@ class Loaders:
     """The embeddings and hypernetworks folders of a context, kept scanned between generations."""
 
     def __init__(self, context: UIContext):
+        from ..embeddings.library import EmbeddingLibrary
+        from ..hypernetworks.library import HypernetworkLibrary
+
         self.context = context
         self._lock = threading.Lock()
-        self._embeddings = None
+        self._embeddings = LibraryCache(EmbeddingLibrary)
+        self._hypernetworks = LibraryCache(HypernetworkLibrary)
         self._loader = None
-        self._hypernetworks = None
         self._aesthetic = None
 
     @property
@@ -50,14 +53,7 @@ class Loaders:
 
     def embeddings(self):
         """The :class:`EmbeddingLibrary` of the embeddings folder (no model needed: for listings)."""
-        from ..embeddings.library import EmbeddingLibrary
-
-        with self._lock:
-            if self._embeddings is None:
-                self._embeddings = EmbeddingLibrary(self.context.embeddings_dir)
-            else:
-                self._embeddings.refresh()
-            return self._embeddings
+        return self._embeddings.get(self.context.embeddings_dir)
 
     def embedding_loader(self, adapter):
         """The :class:`EmbeddingLoader` of the embeddings folder for `adapter` (kept while the model is)."""
@@ -70,14 +66,7 @@ class Loaders:
 
     def hypernetworks(self):
         """The :class:`HypernetworkLibrary` of the hypernetworks folder, rescanned."""
-        from ..hypernetworks.library import HypernetworkLibrary
-
-        with self._lock:
-            if self._hypernetworks is None:
-                self._hypernetworks = HypernetworkLibrary(self.context.hypernetworks_dir)
-            else:
-                self._hypernetworks.refresh()
-            return self._hypernetworks
+        return self._hypernetworks.get(self.context.hypernetworks_dir)
 
 
 @dataclass
@@ -90,49 +79,30 @@ class GenerateRequest:
     """:class:`~extensions_lib.aesthetic.options.AestheticOptions` or None."""
 
 
-def _encode_without_tags(adapter, prompts, clip_skip: int = 1, *, loader):
-    """Encode prompts with their ``<hypernet:...>`` tags taken out (they select networks, not words)."""
-    from ..hypernetworks.prompt import parse_hypernet_tags
-
-    return loader.encode(adapter, [parse_hypernet_tags(p)[0] for p in prompts], clip_skip)
-
-
 def generate_images(request: GenerateRequest, job: JobContext) -> list:
     """Generate with every embedding named in the prompt and the chosen hypernetworks; returns PIL images
     carrying their infotext (``TI hashes`` and ``Hypernet`` entries as the WebUI writes them)."""
-    from ..hypernetworks.patch import apply_hypernetworks
-    from ..hypernetworks.prompt import parse_hypernet_tags
+    from ..generation import generate_with_networks, without_tags
 
-    opts = request.options
+    toggle = [] if request.hypernetwork in ("", None, NO_HYPERNETWORK) else \
+        [(request.hypernetwork, float(request.hypernetwork_strength))]
+    opts, chosen = without_tags(request.options, toggle)
     job.update(message="loading the model", unit="step", total=opts.steps)
     adapter = request.loaders.context.model()
     loader = request.loaders.embedding_loader(adapter)
-
-    prompt, chosen = parse_hypernet_tags(opts.prompt)
-    extra: dict = {}
-    if request.hypernetwork and request.hypernetwork != NO_HYPERNETWORK:
-        chosen.insert(0, (request.hypernetwork, float(request.hypernetwork_strength)))
-        extra["Hypernet"] = request.hypernetwork
-        extra["Hypernet strength"] = request.hypernetwork_strength if request.hypernetwork_strength != 1 else None
     hypernetworks = [(request.loaders.hypernetworks().load(name), mult) for name, mult in chosen] if chosen else []
-    used = [entry.name for entry in loader.used([prompt, opts.negative])]
-    extra.update(loader.infotext_params([prompt, opts.negative]))
+    used = ", ".join(entry.name for entry in loader.used([opts.prompt, opts.negative])) or "none"
 
     def on_step(info: dict) -> None:
         if job.should_stop():
             raise Cancelled()
         job.update(step=int(info["i"]) + 1, total=opts.steps)
 
-    aesthetic = _aesthetic(request, adapter)
-    encode_fn = partial(_encode_without_tags, loader=loader)
-    if aesthetic is not None:
-        encode_fn = aesthetic.encode_fn(encode_fn, opts.negative)
-        extra.update(aesthetic.infotext())
-    job.update(message=f"sampling; embeddings used: {', '.join(used) or 'none'}")
-    with loader, apply_hypernetworks(hypernetworks, adapter.attention_modules()), \
-            (aesthetic if aesthetic is not None else contextlib.nullcontext()):
-        images = generate_from(adapter, opts, encode_fn=encode_fn, callback=on_step, extra_params=extra)
-    job.update(message=f"{len(images)} image(s); embeddings used: {', '.join(used) or 'none'}")
+    job.update(message=f"sampling; embeddings used: {used}")
+    images = generate_with_networks(adapter, opts, hypernetworks=hypernetworks, embeddings=loader,
+                                    aesthetic=_aesthetic(request, adapter), callback=on_step,
+                                    warn=lambda line: job.update(message=line))
+    job.update(message=f"{len(images)} image(s); embeddings used: {used}")
     return images
 
 

@@ -1,7 +1,7 @@
 """The create/train jobs behind the training sub-tabs (and the WebUI API: same processing).
 
 The work is the methods' own public functions (``embeddings.create.create_embedding``,
-``embeddings.method.train_embedding``, ``hypernetworks.method.train_hypernetwork``); this module only
+``embeddings.session.train_embedding``, ``hypernetworks.method.train_hypernetwork``); this module only
 points their options at the host's folders and turns the trainer's progress into the job's. Each method's
 registration (:mod:`extensions_lib.methods.registry`) names its jobs here: ``train_job(TrainRequest,
 JobContext)`` and ``create_job(CreateRequest, JobContext | None)``.
@@ -102,7 +102,7 @@ class TrainRequest:
 
 
 def train_embedding_file(request: TrainRequest, job: JobContext) -> TrainResult:
-    from ..embeddings.method import train_embedding
+    from ..embeddings.session import train_embedding
 
     options = for_context(request.options, request.context)
     adapter = request.context.model()

@@ -1,6 +1,6 @@
 """The method-agnostic training loop.
 
-A training method (textual inversion, hypernetwork, DreamBooth, APT...) is a small object implementing
+A training method (textual inversion, hypernetworks) is a small object implementing
 :class:`TrainingMethod`; :func:`train` does everything else: optimizer, learning-rate schedule, gradient
 accumulation and clipping, mixed precision, the non-finite guard, progress, cancellation, periodic and
 final saves, previews, the loss CSV and plot, the settings JSON and exact resume.
@@ -26,7 +26,7 @@ import torch
 
 from ..errors import AlchemyError
 from .batches import Batch, BatchSource
-from .lr_schedule import Schedule, parse_schedule
+from .plan import RunPlan
 from .provenance import Provenance
 from .resume import STATE_FILE, RunCounters, find_resume_state, load_resume_state, restore, save_state
 from .rng import LoopRngs, global_rng_preserved
@@ -39,20 +39,18 @@ class TrainingMethod(Protocol):
     Required
     - ``name``: the run's name (log folder ``<log>/<date>/<name>/``, file names).
     - ``data``: a :class:`~extensions_lib.train.batches.BatchSource`, usually built with
-      :func:`~extensions_lib.train.batches.build_training_data`. DreamBooth's prior preservation is a
-      BatchSource that appends class images to every batch; the loop does not know the difference.
+      :func:`~extensions_lib.train.batches.build_training_data`.
     - ``provenance``: a :class:`~extensions_lib.train.provenance.Provenance` (recorded in the settings
       JSON; the method embeds it in the files it writes).
     - ``parameters()``: the trainable tensors (``requires_grad``, kept in float32), or parameter-group
       dicts ``{"params": [...], "lr_scale": 0.5, "weight_decay": 0.0}``. The scheduled rate times
-      ``lr_scale`` is written into each group at every step (APT's negative-embedding multiplier then
-      survives schedule stages, unlike in DreamArtist).
+      ``lr_scale`` is written into each group at every step (so a group's multiplier survives schedule
+      stages).
     - ``loss(batch, step) -> Tensor``: scalar mean loss of one micro-batch, computed through the model
       adapter (see ``diffusion_loss.denoising_loss``). Draw randomness from ``batch.generator`` (torch)
       so resumes repeat; global-RNG use (dropout) is also restored on resume. Runs under autocast on CUDA.
       TI: encode ``batch.prompts`` with the embedding spliced in, then ``denoising_loss``. Hypernetwork:
-      the attention patch is applied before :func:`train` and removed after. APT: one UNet call on the
-      doubled batch, CFG inside the loss, optional VAE-decoded reconstruction (``predicted_x0``).
+      the attention patch is applied before :func:`train` and removed after.
     - ``state_dict() / load_state_dict(state)``: the trainable state (tensors, plain values) for resume.
       ``load_state_dict`` must copy into the tensors ``parameters()`` returned (``p.data.copy_``), not
       replace them: the optimizer already holds those.
@@ -67,16 +65,16 @@ class TrainingMethod(Protocol):
 
     Optional
     - ``device``: where the loss is computed (default CPU); enables autocast when CUDA.
-    - ``create_optimizer(param_groups, lr) -> Optimizer``: e.g. 8-bit AdamW for DreamBooth when
-      bitsandbytes imports, else AdamW with a message (``optimizers.adamw(groups, lr, eight_bit=True)``).
-      Default: ``torch.optim.AdamW`` (torch's weight decay 0.01 unless a group sets ``weight_decay``).
+    - ``create_optimizer(param_groups, lr) -> Optimizer``: e.g. AdamW without weight decay (TI), or the
+      optimizer a hypernetwork's ``.optim`` side file names. Default: ``torch.optim.AdamW`` (torch's weight
+      decay 0.01 unless a group sets ``weight_decay``).
     - ``after_step(step)``: called after each optimizer step (EMA of embeddings, restoring frozen rows).
     - ``settings_entries() -> dict``: the method's own keys of the settings JSON (the WebUI records e.g. a
       hypernetwork's ``layer_structure`` and ``activation_func`` there).
     - ``loss_csv_name``: file name of the loss CSV (default ``"loss.csv"``; the WebUI uses
       ``textual_inversion_loss.csv`` / ``hypernetwork_loss.csv``).
-    Set-up that changes the model (gradient checkpointing, patches, freezing) belongs to whoever builds
-    the method, undone in a ``finally`` after :func:`train`.
+    Set-up that changes the model (freezing, patches, parts moved out of memory) belongs to whoever builds
+    the method, in a :class:`~extensions_lib.train.setup.RunSetup` around :func:`train`.
     """
 
     name: str
@@ -220,19 +218,15 @@ class _Speed:
 class _Stepper:
     """One optimizer step from its micro-batches: autocast, accumulation, the non-finite check, clipping."""
 
-    def __init__(self, method, options, schedule: Schedule, device: torch.device):
+    def __init__(self, method, plan: RunPlan, device: torch.device):
         self.method = method
         self.device_type = device.type
-        self.autocast_dtype = _precision(options.mixed_precision, device)
+        self.autocast_dtype = _precision(plan.options.mixed_precision, device)
         self.scaler = _grad_scaler() if self.autocast_dtype == torch.float16 else None
-        self.clip_mode = options.clip_grad_mode
-        if self.clip_mode not in ("disabled", "value", "norm"):
-            raise AlchemyError(f"option clip_grad_mode must be disabled, value or norm, got {self.clip_mode!r}")
-        self.clip = None if self.clip_mode == "disabled" else \
-            parse_schedule(options.clip_grad_value, options.steps, option="clip_grad_value")
+        self.clip_mode, self.clip = plan.options.clip_grad_mode, plan.clip
         groups = _param_groups(method)
         self.params = [p for g in groups for p in g["params"]]
-        first_lr = schedule.entries[0][0]
+        first_lr = plan.learn_rate.entries[0][0]
         for g in groups:
             g["lr"] = first_lr * g["lr_scale"]
         make = getattr(method, "create_optimizer", None)
@@ -285,134 +279,166 @@ class _Stepper:
 
 def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None] | Sequence[Callable] = (),
           cancel: Any = None) -> TrainResult:
-    """Train `method` with `options` (a :class:`~extensions_lib.train.options.TrainingOptions`).
+    """Train `method` with `options` (a :class:`~extensions_lib.train.options.TrainingOptions` whose seed is
+    resolved, or the :class:`~extensions_lib.train.plan.RunPlan` made of them).
 
     callbacks: called with a :class:`Progress` after each step. cancel: anything with ``is_set()``
     (``threading.Event``); when set, the loop stops at the next step boundary, saves the trained file and
     the resume state and returns with ``cancelled=True``. Ctrl-C does the same (``interrupted=True``).
     ``options.resume`` continues a stopped run exactly.
     """
-    if options.seed < 0:
-        raise ValueError("resolve the seed first (extensions_lib.train.options.resolve_seed)")
-    callbacks = [callbacks] if callable(callbacks) else list(callbacks)
-    device = torch.device(getattr(method, "device", "cpu"))
-    data: BatchSource = method.data
-    schedule = parse_schedule(options.learn_rate, options.steps, option="learn_rate")
-    stepper = _Stepper(method, options, schedule, device)
-    optimizer = stepper.optimizer
+    run = _Run(method, options if isinstance(options, RunPlan) else RunPlan.of(options), callbacks)
+    with _ctrl_c_requests_stop(run.stop):
+        while run.goes_on(cancel):
+            run.step()
+        # Still inside: a first Ctrl-C while saving must not tear the files being written.
+        return run.finish()
 
-    run, rngs, warnings = RunCounters(), LoopRngs(options.seed), []
-    if options.resume:
-        state_path = find_resume_state(options.resume)
-        log_dir = state_path.parent
-        warnings = restore(load_resume_state(state_path), state_path, method, options, optimizer, stepper.scaler,
-                           rngs, run)
-    else:
-        log_dir = log_dir_for(options.log_directory, method.name)
-        state_path = log_dir / STATE_FILE
-        rngs.seed_globals(options.seed)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    initial_step = run.step
-    csv_path = log_dir / getattr(method, "loss_csv_name", "loss.csv")
-    if options.resume:
-        trim_csv(csv_path, run.step)
-    if options.save_training_settings:
-        write_settings(log_dir, method, options, initial_step)
-    stop_at = min(options.steps, schedule.end_step)
-    speed = _Speed()
-    plot_metadata = method.provenance.to_metadata()
 
-    def report(loss=None, lr=0.0, saved=None, preview=None, message=""):
-        if not callbacks:
+class _Run:
+    """The state of one :func:`train` call: optimizer, counters, RNGs, log folder, and what a step does."""
+
+    def __init__(self, method: TrainingMethod, plan: RunPlan, callbacks):
+        self.method, self.plan, self.options = method, plan, plan.options
+        self.callbacks = [callbacks] if callable(callbacks) else list(callbacks)
+        self.device = torch.device(getattr(method, "device", "cpu"))
+        self.data: BatchSource = method.data
+        self.schedule = plan.learn_rate
+        self.stepper = _Stepper(method, plan, self.device)
+        self.optimizer = self.stepper.optimizer
+        self.counters, self.rngs = RunCounters(), LoopRngs(self.options.seed)
+        self.stop = threading.Event()
+        self.stop_at = plan.stop_at
+        self.speed = _Speed()
+        self.plot_metadata = method.provenance.to_metadata()
+        self.warnings = warnings = self._open_log()
+        self.plan_epoch, self.epoch_plan = -1, []
+        resumed = [f"resumed at step {self.counters.step}"] if self.options.resume else []
+        self.report(lr=self.schedule.value_or_last(self.counters.step), message="; ".join(resumed + warnings))
+
+    def goes_on(self, cancel) -> bool:
+        cancelled = cancel is not None and cancel.is_set()
+        return self.counters.step < self.stop_at and not self.stop.is_set() and not cancelled
+
+    def _open_log(self) -> list[str]:
+        """The log folder (a new one, or the resumed run's with its state restored); warnings of a resume."""
+        options, warnings = self.options, []
+        if options.resume:
+            self.state_path = find_resume_state(options.resume)
+            self.log_dir = self.state_path.parent
+            warnings = restore(load_resume_state(self.state_path), self.state_path, self.method, options,
+                               self.optimizer, self.stepper.scaler, self.rngs, self.counters)
+        else:
+            self.log_dir = log_dir_for(options.log_directory, self.method.name)
+            self.state_path = self.log_dir / STATE_FILE
+            self.rngs.seed_globals(options.seed)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.initial_step = self.counters.step
+        self.csv_path = self.log_dir / getattr(self.method, "loss_csv_name", "loss.csv")
+        if options.resume:
+            trim_csv(self.csv_path, self.counters.step)
+        if options.save_training_settings:
+            write_settings(self.log_dir, self.method, options, self.initial_step)
+        return warnings
+
+    def report(self, loss=None, lr=0.0, saved=None, preview=None, message="") -> None:
+        if not self.callbacks:
             return
-        spe = max(1, data.steps_per_epoch)
-        rate = speed.mark(run.step)
-        mem, kind = _memory(device)
-        p = Progress(step=run.step, max_steps=stop_at, epoch=max(run.drawn - 1, 0) // spe,
+        run, spe = self.counters, max(1, self.data.steps_per_epoch)
+        rate = self.speed.mark(run.step)
+        mem, kind = _memory(self.device)
+        p = Progress(step=run.step, max_steps=self.stop_at, epoch=max(run.drawn - 1, 0) // spe,
                      epoch_step=max(run.drawn - 1, 0) % spe, loss=loss, lr=lr, it_per_s=rate,
-                     eta_s=(stop_at - run.step) / rate if rate > 0 else None, memory_bytes=mem, memory_kind=kind,
-                     skipped_nonfinite=run.skipped, last_prompt=run.last_prompt, saved=saved, preview=preview,
-                     message=message)
-        for cb in callbacks:
+                     eta_s=(self.stop_at - run.step) / rate if rate > 0 else None, memory_bytes=mem,
+                     memory_kind=kind, skipped_nonfinite=run.skipped, last_prompt=run.last_prompt, saved=saved,
+                     preview=preview, message=message)
+        for cb in self.callbacks:
             cb(p)
 
-    def save_resume() -> Path | None:
-        if not options.save_resume_state:
+    def save_resume(self) -> Path | None:
+        if not self.options.save_resume_state:
             return None
-        save_state(state_path, method, options, optimizer, stepper.scaler, rngs, run)
-        return state_path
+        save_state(self.state_path, self.method, self.options, self.optimizer, self.stepper.scaler, self.rngs,
+                   self.counters)
+        return self.state_path
 
-    def save_file(step: int | None) -> Path:
-        path = method.output_path(log_dir, step)
-        method.save(path, run.step, optimizer.state_dict() if options.save_optimizer_state else None)
+    def save_file(self, step: int | None) -> Path:
+        path = self.method.output_path(self.log_dir, step)
+        self.method.save(path, self.counters.step,
+                         self.optimizer.state_dict() if self.options.save_optimizer_state else None)
         return path
 
-    def batches(micro_batches):
+    def _batches(self, micro_batches):
         for key in micro_batches:
-            batch = data.make_batch(key, rngs.python, rngs.torch)
-            run.last_prompt = batch.prompts[0] if batch.prompts else ""
+            batch = self.data.make_batch(key, self.rngs.python, self.rngs.torch)
+            self.counters.last_prompt = batch.prompts[0] if batch.prompts else ""
             yield batch
 
-    stop = threading.Event()
-    resumed = [f"resumed at step {run.step}"] if options.resume else []
-    report(lr=schedule.value_or_last(run.step), message="; ".join(resumed + warnings))
-    plan_epoch, plan = -1, []
-    with _ctrl_c_requests_stop(stop):
-        while run.step < stop_at and not stop.is_set() and not (cancel is not None and cancel.is_set()):
-            spe = data.steps_per_epoch
-            epoch, position = divmod(run.drawn, spe)
-            if epoch != plan_epoch:
-                plan_epoch, plan = epoch, data.epoch(epoch)
-            lr = schedule.value_at(run.step)
-            step_loss = stepper.step(batches(plan[position]), run.step, lr)
-            run.drawn += 1
-            if step_loss is None:
-                run.streak += 1
-                run.skipped += 1
-                if run.streak >= options.max_nonfinite_steps:
-                    saved = save_resume()
-                    raise AlchemyError(
-                        f"the loss or its gradient was NaN/inf for {run.streak} steps in a row (at step {run.step})",
-                        log_dir,
-                        fix="lower the learning rate, train in full precision (mixed precision 'no'), turn off "
-                            "xformers/cross-attention optimizations" +
-                            (f"; the last good state is in {saved}, resume from it" if saved else ""))
-                report(lr=lr, message=f"skipped step {run.step + 1}: loss or gradient not finite")
-                continue
-            run.step += 1
-            run.streak = 0
-            after = getattr(method, "after_step", None)
-            if after is not None:
-                after(run.step)
-            run.losses.append((run.step, step_loss))
-            if options.write_csv_every and run.step % options.write_csv_every == 0:
-                append_csv(csv_path, [run.step, (run.drawn - 1) // spe, (run.drawn - 1) % spe,
-                                      f"{step_loss:.7f}", lr])
-            saved = preview = None
-            message = ""
-            if options.save_every and run.step % options.save_every == 0 and run.step < stop_at:
-                saved = save_file(run.step)
-                save_resume()
-                if not plot_losses(run.losses, log_dir / "loss.png", method.name, plot_metadata):
-                    message = "loss plot skipped: matplotlib is not installed"
-            if options.create_image_every and run.step % options.create_image_every == 0:
-                with torch.no_grad(), global_rng_preserved():
-                    preview = method.preview(run.step, log_dir / "images")
-            report(loss=step_loss, lr=lr, saved=saved, preview=preview, message=message)
+    def step(self) -> None:
+        """One optimizer step (or a skipped one), then what is due after it: CSV, saves, preview, report."""
+        run, options = self.counters, self.options
+        epoch, position = divmod(run.drawn, self.data.steps_per_epoch)
+        if epoch != self.plan_epoch:
+            self.plan_epoch, self.epoch_plan = epoch, self.data.epoch(epoch)
+        lr = self.schedule.value_at(run.step)
+        step_loss = self.stepper.step(self._batches(self.epoch_plan[position]), run.step, lr)
+        run.drawn += 1
+        if step_loss is None:
+            self._skipped(lr)
+            return
+        run.step += 1
+        run.streak = 0
+        after = getattr(self.method, "after_step", None)
+        if after is not None:
+            after(run.step)
+        run.losses.append((run.step, step_loss))
+        if options.write_csv_every and run.step % options.write_csv_every == 0:
+            spe = self.data.steps_per_epoch
+            append_csv(self.csv_path, [run.step, (run.drawn - 1) // spe, (run.drawn - 1) % spe,
+                                       f"{step_loss:.7f}", lr])
+        saved = preview = None
+        message = ""
+        if options.save_every and run.step % options.save_every == 0 and run.step < self.stop_at:
+            saved = self.save_file(run.step)
+            self.save_resume()
+            if not plot_losses(run.losses, self.log_dir / "loss.png", self.method.name, self.plot_metadata):
+                message = "loss plot skipped: matplotlib is not installed"
+        if options.create_image_every and run.step % options.create_image_every == 0:
+            with torch.no_grad(), global_rng_preserved():
+                preview = self.method.preview(run.step, self.log_dir / "images")
+        self.report(loss=step_loss, lr=lr, saved=saved, preview=preview, message=message)
 
-        # Still inside: a first Ctrl-C while saving must not tear the files being written.
-        cancelled = run.step < stop_at
+    def _skipped(self, lr: float) -> None:
+        """A step whose loss or gradient was not finite: counted, and too many in a row stop the run."""
+        run = self.counters
+        run.streak += 1
+        run.skipped += 1
+        if run.streak >= self.options.max_nonfinite_steps:
+            saved = self.save_resume()
+            raise AlchemyError(
+                f"the loss or its gradient was NaN/inf for {run.streak} steps in a row (at step {run.step})",
+                self.log_dir,
+                fix="lower the learning rate, train in full precision (mixed precision 'no'), turn off "
+                    "xformers/cross-attention optimizations" +
+                    (f"; the last good state is in {saved}, resume from it" if saved else ""))
+        self.report(lr=lr, message=f"skipped step {run.step + 1}: loss or gradient not finite")
+
+    def finish(self) -> TrainResult:
+        """The final (or, when stopped early, the current) file, the resume state, the plot; the result."""
+        run, options = self.counters, self.options
+        cancelled = run.step < self.stop_at
         if cancelled:
-            final_path, last_saved = None, save_file(run.step)
+            final_path, last_saved = None, self.save_file(run.step)
         else:
-            final_path = last_saved = save_file(None)
-            if options.save_every and run.step % options.save_every == 0 and run.step > initial_step:
-                save_file(run.step)  # the last periodic copy too, as the WebUI writes both
-        resume_path = save_resume()
-        plotted = plot_losses(run.losses, log_dir / "loss.png", method.name, plot_metadata)
-        report(loss=run.losses[-1][1] if run.losses else None, lr=schedule.value_or_last(max(run.step - 1, 0)),
-               saved=last_saved, message=(f"stopped at step {run.step}" if cancelled else "finished") +
-               ("" if plotted else "; loss plot skipped: matplotlib is not installed"))
-    return TrainResult(step=run.step, log_dir=log_dir, final_path=final_path, resume_path=resume_path,
-                       cancelled=cancelled, interrupted=cancelled and stop.is_set(), skipped_nonfinite=run.skipped,
-                       losses=run.losses, warnings=warnings)
+            final_path = last_saved = self.save_file(None)
+            if options.save_every and run.step % options.save_every == 0 and run.step > self.initial_step:
+                self.save_file(run.step)  # the last periodic copy too, as the WebUI writes both
+        resume_path = self.save_resume()
+        plotted = plot_losses(run.losses, self.log_dir / "loss.png", self.method.name, self.plot_metadata)
+        self.report(loss=run.losses[-1][1] if run.losses else None,
+                    lr=self.schedule.value_or_last(max(run.step - 1, 0)), saved=last_saved,
+                    message=(f"stopped at step {run.step}" if cancelled else "finished") +
+                    ("" if plotted else "; loss plot skipped: matplotlib is not installed"))
+        return TrainResult(step=run.step, log_dir=self.log_dir, final_path=final_path, resume_path=resume_path,
+                           cancelled=cancelled, interrupted=cancelled and self.stop.is_set(),
+                           skipped_nonfinite=run.skipped, losses=run.losses, warnings=self.warnings)

@@ -59,11 +59,10 @@ class ModelHolder:
     def __call__(self):
         with self._lock:
             if self._model is None:
-                import torch
-
+                from ..backend.device import resolve_device
                 from ..backend.standalone import load_model
 
-                device = self.device if self.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+                device = resolve_device(self.device)
                 path = self.ckpt or demo_checkpoint(self.cache_dir)
                 log.info("loading %s on %s", path, device)
                 self._model = load_model(path, device=device)

@@ -41,7 +41,8 @@ def build_create_tab(runner: JobRunner, context: UIContext, method: MethodSpec) 
         request = CreateRequest(options, context)
         if not as_job:
             return f"Created: {job(request, None)}"
-        p = run_and_report(runner, job, request, title=f"Creating {method.noun} {getattr(options, 'name', '')}", panel=panel)
+        title = f"Creating {method.noun} {getattr(options, 'name', '')}"
+        p = run_and_report(runner, job, request, title=title, panel=panel)
         return f"Created: {p.result}" if p.state == "done" else outcome(p)
 
     def on_create(*values):

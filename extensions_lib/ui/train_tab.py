@@ -9,7 +9,6 @@ settings are read from its txt2img tab, as the built-in Train tab does, instead 
 from __future__ import annotations
 
 import html
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..errors import AlchemyError
+from ..library_cache import LibraryCache
 from ..options import specs
 from ..jobs.context import UIContext
 from .forms import render_options
@@ -33,23 +33,17 @@ Row = tuple[str, str, str]
 
 
 class FolderListing:
-    """A method's folder as its train tab lists it. The library is made on the first look and refreshed
-    on each later one (it rereads changed files only); a lock, because gradio calls in from several threads."""
+    """A method's folder as its train tab lists it (the library made on the first look and refreshed on
+    each later one: :class:`~extensions_lib.library_cache.LibraryCache`)."""
 
     def __init__(self, make_library: Callable[[Path], Any], folder: Path, rows: Callable[[Any], list[Row]], *,
                  elem_id: str, empty: str):
-        self.make_library, self.folder, self.rows = make_library, folder, rows
+        self.folder, self.rows = folder, rows
         self.elem_id, self.empty = elem_id, empty
-        self._lock = threading.Lock()
-        self._library = None
+        self._cache = LibraryCache(make_library)
 
     def library(self):
-        with self._lock:
-            if self._library is None:
-                self._library = self.make_library(self.folder)
-            else:
-                self._library.refresh()
-            return self._library
+        return self._cache.get(self.folder)
 
     def names(self) -> list[str]:
         return self.library().names()

@@ -42,6 +42,11 @@ def _offload(module):
 def _bring(module):
     params, buffers = _stash.pop(id(module), ({}, {}))
     for (_, name), (sub, p) in params.items():
+        # The host moves parts with .to(), which keeps each parameter object and its requires_grad: a flag
+        # set while the part was away (on the stand-in's placeholder) must come back with it.
+        parked = sub._parameters.get(name)
+        if parked is not None:
+            p.requires_grad_(parked.requires_grad)
         sub._parameters[name] = p
     for (_, name), (sub, b) in buffers.items():
         sub._buffers[name] = b
