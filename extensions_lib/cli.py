@@ -27,10 +27,11 @@ AFTER_METHODS = [
 
 def command_modules() -> list[str]:
     """Every command module: the general ones around each registered training method's
-    (:mod:`extensions_lib.methods.registry`: ``alchemy embedding``, ``alchemy hypernetwork``, ...)."""
-    from .methods.registry import methods
+    (:mod:`extensions_lib.methods.registry`: ``alchemy embedding``, ``alchemy hypernetwork``, ...) and each
+    create-only method's (``alchemy aesthetic``)."""
+    from .methods.registry import create_only, methods
 
-    return [*BEFORE_METHODS, *(m.cli for m in methods()), *AFTER_METHODS]
+    return [*BEFORE_METHODS, *(m.cli for m in methods()), *(m.cli for m in create_only()), *AFTER_METHODS]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:

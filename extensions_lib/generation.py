@@ -48,19 +48,26 @@ def _hypernetworks_applied(adapter, chosen, warn: Callable[[str], None]):
 
 
 def generate_with_networks(adapter, opts: GenerationOptions, *, hypernetworks: Sequence[tuple[object, float]] = (),
-                           embeddings=None, callback: Callable[[dict], None] | None = None,
+                           embeddings=None, aesthetic=None, callback: Callable[[dict], None] | None = None,
                            warn: Callable[[str], None] = lambda line: None, refuse_nan: bool = False) -> list:
     """Generate `opts` (its prompt without hypernetwork tags: :func:`choose_hypernetworks`) with the
     (Hypernetwork, multiplier) pairs chained into the attention and an
     :class:`~extensions_lib.embeddings.loader.EmbeddingLoader` (or None) on the text encoder; PIL images
-    whose infotext carries the ``Hypernet`` and ``TI hashes`` entries as the WebUI writes them. `refuse_nan`:
-    :func:`~extensions_lib.sampling.txt2img.generate_from`'s."""
+    whose infotext carries the ``Hypernet`` and ``TI hashes`` entries as the WebUI writes them. `aesthetic`:
+    an aesthetic embedding to apply (:class:`~extensions_lib.aesthetic.standalone.StandaloneAesthetic`) or None.
+    `refuse_nan`: :func:`~extensions_lib.sampling.txt2img.generate_from`'s.
+    """
     extra = hypernetwork_infotext(hypernetworks)
-    with _hypernetworks_applied(adapter, hypernetworks, warn), embeddings or contextlib.nullcontext():
+    with _hypernetworks_applied(adapter, hypernetworks, warn), embeddings or contextlib.nullcontext(), \
+            aesthetic or contextlib.nullcontext():
         if embeddings is not None:
             extra.update(embeddings.infotext_params([opts.prompt, opts.negative]))
-        return generate_from(adapter, opts, callback=callback, extra_params=extra,
-                             encode_fn=embeddings.encode if embeddings is not None else None, refuse_nan=refuse_nan)
+        encode_fn = embeddings.encode if embeddings is not None else None
+        if aesthetic is not None:
+            encode_fn = aesthetic.encode_fn(encode_fn, opts.negative)
+            extra.update(aesthetic.infotext())
+        return generate_from(adapter, opts, callback=callback, extra_params=extra, encode_fn=encode_fn,
+                             refuse_nan=refuse_nan)
 
 
 def without_tags(opts: GenerationOptions, extra: Sequence[tuple[str, float]] = ()):

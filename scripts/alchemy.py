@@ -120,3 +120,28 @@ if _scripts is not None and _extension is not None:
 
         def before_process_batch(self, p, *args, **kwargs):
             _extension.before_process_batch(p, kwargs.get("prompts"))
+
+
+    class AlchemyAestheticScript(_scripts.Script):
+        """Aesthetic Gradients in txt2img and img2img (an accordion; off until an embedding is chosen)."""
+
+        def title(self):
+            return "Alchemy aesthetic gradients"
+
+        def show(self, is_img2img):
+            return _scripts.AlwaysVisible
+
+        def ui(self, is_img2img):
+            try:
+                components, self.infotext_fields = _extension.aesthetic_ui(is_img2img)
+            except Exception:  # noqa: BLE001 — no accordion rather than a broken txt2img tab
+                log.exception("Alchemy: building the aesthetic gradients controls failed")
+                return []
+            return components
+
+        def process(self, p, *args):
+            if args:
+                _extension.aesthetic_process(p, args)
+
+        def postprocess(self, p, processed, *args):
+            _extension.aesthetic.undo()

@@ -123,7 +123,9 @@ def test_registered_method_gets_its_tabs(with_toy, tmp_path):
     tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tab)]
     assert [t.elem_id for t in tabs] == [
         "alchemy_create_embedding_tab", "alchemy_create_hypernetwork_tab", "alchemy_create_apt_tab",
-        "alchemy_create_toy_tab", "alchemy_train_embedding_tab", "alchemy_train_hypernetwork_tab",
+        "alchemy_create_toy_tab",
+        "alchemy_create_aesthetic_tab",  # create-only methods (CreateOnlySpec) after the methods' create tabs
+        "alchemy_train_embedding_tab", "alchemy_train_hypernetwork_tab",
         "alchemy_train_apt_tab", "alchemy_train_dreambooth_tab", "alchemy_train_toy_tab"]
     assert tabs[-1].label == "A: Train toy"
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}

@@ -112,6 +112,7 @@ def test_train_tabs_take_the_webui_txt2img_preview_parameters(tmp_path):
     assert "alchemy_train_embedding_preview_from_txt2img" in ids   # the switch itself stays
     tabs = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
     assert tabs == ["Alchemy: Create embedding", "Alchemy: Create hypernetwork", "Alchemy: Create APT pair",
+                    "Alchemy: Create aesthetic embedding",
                     "Alchemy: Train embedding", "Alchemy: Train hypernetwork", "Alchemy: Train APT pair",
                     "Alchemy: Train DreamBooth model"]
     _, inputs = click_handler(demo, "alchemy_train_hypernetwork_start")

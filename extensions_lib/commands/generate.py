@@ -32,6 +32,13 @@ class Txt2ImgCommand:
     embeddings_dir: Optional[Path] = option(None, ui=False,
                                             help="folder of textual-inversion embeddings (searched recursively); "
                                                  "their file names become prompt words")
+    aesthetic: str = option("", ui=False, help="apply aesthetic embedding NAME[:WEIGHT] (Aesthetic Gradients; the "
+                                               "--aesthetic-* flags tune it)")
+    aesthetic_dir: Path = option(Path("models/aesthetic_embeddings"), ui=False,
+                                 help="folder of aesthetic embeddings (<name>.pt)")
+    aesthetic_clip: str = option("", ui=False, help="SD1 only: CLIP ViT-L/14 (path or folder name in "
+                                                    "models/aesthetic_clip) for its text projection; empty = default")
+    aesthetic_download: bool = option(False, ui=False, help="download that CLIP model if missing (pinned revision)")
 
 
 def register(subparsers) -> None:
@@ -39,6 +46,8 @@ def register(subparsers) -> None:
                                    description="Generate images; each PNG records its settings as the WebUI does.")
     add_cli_arguments(parser, Txt2ImgCommand)
     add_cli_arguments(parser, GenerationOptions)
+    from ..aesthetic.options import AestheticOptions
+    add_cli_arguments(parser, AestheticOptions, skip=("embedding",))
     parser.set_defaults(func=run)
 
 
@@ -68,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
     adapter = load_model(command.ckpt, device=command.device)
     embeddings = txt2img_embeddings(adapter, command.embeddings_dir)
+    from ..aesthetic.options import AestheticOptions
+    from .aesthetic import Txt2ImgAesthetic
+    aesthetic = Txt2ImgAesthetic(adapter, command.aesthetic, from_cli(AestheticOptions, args), command.aesthetic_dir,
+                                 command.aesthetic_clip, download=command.aesthetic_download)
     opts = replace(opts, prompt=hypernets.prompt)
     warn = lambda line: print(f"alchemy: warning: {line}", file=sys.stderr)  # noqa: E731
     from ..dreambooth.apply import loras_applied
@@ -75,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     with loras_applied(adapter, command.lora, command.lora_dir, warn), \
             tqdm(total=opts.steps, desc="txt2img", unit="step") as bar:
         images = generate_with_networks(adapter, opts, hypernetworks=hypernets.chosen, embeddings=embeddings,
-                                        callback=lambda info: bar.update(1), refuse_nan=True, warn=warn)
+                                        aesthetic=aesthetic, callback=lambda info: bar.update(1), refuse_nan=True,
+                                        warn=warn)
     for image, path in zip(images, paths):
         save_png(image, path)
         print(path)

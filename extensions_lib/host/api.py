@@ -13,6 +13,8 @@ Every route runs the same job functions as the tabs (``extensions_lib.jobs.datas
     POST /alchemy/v1/train/{method}          {"options": {...}, "wait"?} -> 202 job; one route per
                                              registered method (embedding, hypernetwork, ...)
     POST /alchemy/v1/caption/{image|folder}  BLIP / CLIP-interrogator captions (see host/caption_api.py)
+                                             create-only methods too (aesthetic: {"name", "source", ...});
+                                             "wait": false answers 202 with the job instead
     POST /alchemy/v1/jobs/stop               stop the running job (it saves first)
     GET  /alchemy/v1/jobs/current            the current or last job
     GET  /alchemy/v1/jobs/{job_id}           that job, while it is the current or last one
@@ -231,14 +233,19 @@ class AlchemyApi:
         return self._finished(p, lambda: _train_result(p.result)) if payload.get("wait") else self._accepted(p)
 
     def create(self, kind: str, payload: dict):
-        """A method's Create tab over HTTP: same options and job; answers when the file is written."""
+        """A method's Create tab over HTTP, same options and job (a training method's create half, or a
+        create-only method's: :class:`~extensions_lib.methods.registry.CreateOnlySpec`). Answers when the file
+        is written, or at once with the job when the payload says ``"wait": false``."""
         from ..jobs.training import CreateRequest
-        from ..methods.registry import find, resolve
+        from ..methods.registry import find, find_create_only, resolve
 
         try:
             method = find(kind)
-        except AlchemyError as exc:
-            raise NotFound(exc.what, fix=exc.fix) from None
+        except AlchemyError:
+            try:
+                method = find_create_only(kind)
+            except AlchemyError as exc:
+                raise NotFound(exc.what, fix=exc.fix) from None
         if method.create_options is None:
             raise NotFound(f"training method {kind!r} has nothing to create", fix=f"use /train/{kind}")
         context = self.context()
@@ -248,12 +255,14 @@ class AlchemyApi:
                                "request 'options'")
         request = CreateRequest(options, context)
         job = resolve(method.create_job)
-        if not method.create_needs_model:
+        if not getattr(method, "create_runs_as_job", method.create_needs_model):
             return 200, {"path": str(job(request, None))}
-        context.model()  # NoModelLoaded (503) before anything starts
+        if method.create_needs_model:
+            context.model()  # NoModelLoaded (503) before anything starts
+        wait = bool(payload.get("wait", True))
         p = self._run(job, request, f"Creating {method.noun} {getattr(options, 'name', '')}", method.create_panel,
-                      wait=True)
-        return self._finished(p, lambda: {"path": str(p.result)})
+                      wait=wait)
+        return self._finished(p, lambda: {"path": str(p.result)}) if wait else self._accepted(p)
 
     def stop(self, payload=None):
         if not self.runner.interrupt():

@@ -15,6 +15,7 @@ from ..errors import AlchemyError
 from ..library_cache import LibraryCache
 from . import settings as st
 from .handles import HostHandles
+from .aesthetic import AestheticWiring
 from .jobs import HostJobRunner
 from .webui_adapter import ModelWatch
 from .wiring import EmbeddingWiring, HypernetworkWiring
@@ -44,6 +45,9 @@ class AlchemyExtension:
         self.embeddings = EmbeddingWiring(handles.embedding_db, handles.model_loaded)
         self.hypernetworks = HypernetworkWiring(handles.shared, self.hypernetwork_library, self.watch.adapter,
                                                 handles.has_hypernetwork_path())
+        self.aesthetic = AestheticWiring(lambda: self.h.models_path() / "aesthetic_embeddings",
+                                         lambda: self.h.models_path() / "aesthetic_clip", lambda: self.opts,
+                                         self.watch.token)
         self._hn_libraries = LibraryCache(_hypernetwork_library)
         self._tagger_slot = None
         self.problems: list[str] = []
@@ -80,7 +84,9 @@ class AlchemyExtension:
                          tagger_models_dir=folders.tagger_models, templates_dir=self.h.templates_dir(),
                          preview_params=preview_params, files_changed=self.files_changed,
                          unsupported=self.h.unsupported(), defaults=defaults, tagger_slot=self._tagger_slot,
-                         folders={"lora": self.lora_dir()})
+                         folders={"lora": self.lora_dir(),
+                                  "aesthetic_embeddings": self.h.models_path() / "aesthetic_embeddings",
+                                  "aesthetic_clip": self.h.models_path() / "aesthetic_clip"})
 
     def lora_dir(self) -> Path:
         """The built-in Lora extension's folder: ``--lora-dir``, by default ``<models>/Lora``."""
@@ -162,15 +168,18 @@ class AlchemyExtension:
         """A job (training, creating an embedding) starts using the model: the toggle's hypernetworks must
         not act on it meanwhile; the next generation applies them again, from the files as they are then."""
         self.hypernetworks.set_aside()
+        self.aesthetic.undo()
 
     def on_model_loaded(self, sd_model: Any) -> None:
         self.watch.model_loaded(sd_model)
+        self.aesthetic.undo()
         self.hypernetworks.model_loaded(sd_model)
         self.embeddings.ensure_folder(self.folders().embeddings)
 
     def on_script_unloaded(self) -> None:
         """Reload UI: take our patch off the model and stop a running job (it saves first)."""
         self.hypernetworks.undo()
+        self.aesthetic.undo()
         p = self.runner.progress()
         if p.active or p.state == "queued":
             self.runner.interrupt()
@@ -198,6 +207,16 @@ class AlchemyExtension:
     def before_process_batch(self, p: Any, prompts: list[str] | None) -> None:
         if prompts is not None:
             self.hypernetworks.before_batch(prompts)
+
+    def aesthetic_ui(self, is_img2img: bool) -> tuple[list, list]:
+        from .aesthetic import build_script_ui
+
+        return build_script_ui(self.aesthetic, is_img2img)
+
+    def aesthetic_process(self, p: Any, args) -> None:
+        from .aesthetic import options_from_args
+
+        self.aesthetic.process(p, options_from_args(args))
 
     # --- listings (API) ----------------------------------------------------------------------------------
     def list_embeddings(self) -> list[dict]:

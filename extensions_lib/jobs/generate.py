@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import Cancelled
 from ..library_cache import LibraryCache
@@ -32,6 +33,23 @@ class Loaders:
         self._embeddings = LibraryCache(EmbeddingLibrary)
         self._hypernetworks = LibraryCache(HypernetworkLibrary)
         self._loader = None
+        self._aesthetic = None
+
+    @property
+    def aesthetic_dir(self):
+        from ..aesthetic.jobs import aesthetic_folders
+
+        return aesthetic_folders(self.context)[0]
+
+    def aesthetic(self):
+        """(library of the aesthetic folder, a personaliser whose cache lasts between generations)."""
+        from ..aesthetic.file import AestheticLibrary
+        from ..aesthetic.personalise import Personaliser
+
+        with self._lock:
+            if self._aesthetic is None or self._aesthetic[0].folder != self.aesthetic_dir:
+                self._aesthetic = (AestheticLibrary(self.aesthetic_dir), Personaliser())
+            return self._aesthetic
 
     def embeddings(self):
         """The :class:`EmbeddingLibrary` of the embeddings folder (no model needed: for listings)."""
@@ -57,6 +75,8 @@ class GenerateRequest:
     loaders: Loaders
     hypernetwork: str = NO_HYPERNETWORK
     hypernetwork_strength: float = 1.0
+    aesthetic: Any = None
+    """:class:`~extensions_lib.aesthetic.options.AestheticOptions` or None."""
 
 
 def generate_images(request: GenerateRequest, job: JobContext) -> list:
@@ -79,7 +99,27 @@ def generate_images(request: GenerateRequest, job: JobContext) -> list:
         job.update(step=int(info["i"]) + 1, total=opts.steps)
 
     job.update(message=f"sampling; embeddings used: {used}")
-    images = generate_with_networks(adapter, opts, hypernetworks=hypernetworks, embeddings=loader, callback=on_step,
+    images = generate_with_networks(adapter, opts, hypernetworks=hypernetworks, embeddings=loader,
+                                    aesthetic=_aesthetic(request, adapter), callback=on_step,
                                     warn=lambda line: job.update(message=line))
     job.update(message=f"{len(images)} image(s); embeddings used: {used}")
     return images
+
+
+def _aesthetic(request: GenerateRequest, adapter):
+    """The aesthetic embedding to apply, or None (off, or no embedding chosen)."""
+    options = request.aesthetic
+    if options is None or not options.enabled:
+        return None
+    from ..aesthetic.standalone import StandaloneAesthetic
+
+    library, personaliser = request.loaders.aesthetic()
+    clip = None
+    if adapter.family == "sd1":
+        from ..aesthetic.clip_models import resolve_clip
+
+        from ..aesthetic.jobs import aesthetic_folders
+
+        clip = resolve_clip("", "sd1", aesthetic_folders(request.loaders.context)[1])
+    return StandaloneAesthetic(adapter, library.load(options.embedding), options, clip_path=clip,
+                               personaliser=personaliser)

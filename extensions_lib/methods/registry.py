@@ -47,7 +47,16 @@ A :class:`MethodSpec` provides:
   with ``job=None``. ``create_tab``: like ``train_tab``; the default,
   :func:`extensions_lib.ui.create_tab.build_create_tab`, renders ``create_options`` with a button.
 
-Tabs are built in registry order: every method's "Create" tab, then every "Train" tab. Settings, CLI
+Create-only methods
+===================
+A method that only creates files and has no training loop (Aesthetic Gradients: an embedding is the mean
+of image features) cannot fill ``train_options``/``train_job``/``train_tab``, so it registers a
+:class:`CreateOnlySpec` instead (``METHOD = CreateOnlySpec(...)`` in its registration module, listed in
+:data:`CREATE_ONLY_MODULES`): its "Create ..." sub-tab (the same generic tab), its CLI command and the API
+route ``POST /alchemy/v1/create/{key}`` come from it. It has no settings keys and no train route.
+
+Tabs are built in registry order: every method's "Create" tab, then every create-only method's, then every
+"Train" tab. Settings, CLI
 commands and API routes follow registry order too.
 
 Example (a method "toy" training a file in the embeddings folder)::
@@ -143,24 +152,74 @@ class MethodSpec:
         return [self.create_panel] * self.create_needs_model + [self.train_panel]
 
 
-def methods() -> list[MethodSpec]:
-    """Every registered method, in :data:`METHOD_MODULES` order."""
-    out: list[MethodSpec] = []
-    for name in METHOD_MODULES:
+CREATE_ONLY_MODULES: tuple[str, ...] = (
+    "extensions_lib.aesthetic.registration",      # aesthetic gradients
+)
+"""Every create-only method (:class:`CreateOnlySpec`), in the order the tabs, the CLI and the API list them."""
+
+
+@dataclass(frozen=True)
+class CreateOnlySpec:
+    """A method without a training loop: the create half of :class:`MethodSpec` (same meaning), plus
+    ``create_runs_as_job`` (run on the job runner with the progress panel although no SD model is read)."""
+
+    key: str
+    title: str
+    noun: str
+    folder: str
+    create_options: type
+    create_job: Ref
+    cli: str
+    create_tab: Ref = "extensions_lib.ui.create_tab:build_create_tab"
+    create_needs_model: bool = False
+    create_runs_as_job: bool = True
+
+    def __post_init__(self):
+        if not self.key.isidentifier() or self.key != self.key.lower():
+            raise ValueError(f"method key {self.key!r} must be a lowercase identifier")
+
+    @property
+    def create_panel(self) -> str:
+        return f"create_{self.key}"
+
+    def model_panels(self) -> list[str]:
+        return [self.create_panel] * self.create_needs_model
+
+
+def create_only() -> list[CreateOnlySpec]:
+    """Every create-only method, in :data:`CREATE_ONLY_MODULES` order (keys distinct from the methods')."""
+    return _load(CREATE_ONLY_MODULES, taken={m.key for m in methods()})
+
+
+def find_create_only(key: str) -> CreateOnlySpec:
+    return _find(create_only(), key, "create-only method")
+
+
+def _load(modules: tuple[str, ...], taken: set[str] = frozenset()) -> list:
+    out: list = []
+    for name in modules:
         spec = importlib.import_module(name).METHOD
-        if any(m.key == spec.key for m in out):
-            raise ValueError(f"two training methods use the key {spec.key!r} ({name})")
+        if spec.key in taken or any(m.key == spec.key for m in out):
+            raise ValueError(f"two methods use the key {spec.key!r} ({name})")
         out.append(spec)
     return out
 
 
-def find(key: str) -> MethodSpec:
-    """The method registered as `key`; AlchemyError listing the known keys when there is none."""
-    known = methods()
+def _find(known: list, key: str, what: str):
     for spec in known:
         if spec.key == key:
             return spec
-    raise AlchemyError(f"unknown training method {key!r}", fix=f"use one of: {', '.join(m.key for m in known)}")
+    raise AlchemyError(f"unknown {what} {key!r}", fix=f"use one of: {', '.join(m.key for m in known)}")
+
+
+def methods() -> list[MethodSpec]:
+    """Every registered method, in :data:`METHOD_MODULES` order."""
+    return _load(METHOD_MODULES)
+
+
+def find(key: str) -> MethodSpec:
+    """The method registered as `key`; AlchemyError listing the known keys when there is none."""
+    return _find(methods(), key, "training method")
 
 
 def for_options(cls: type) -> MethodSpec | None:

@@ -167,30 +167,38 @@ def _offline_env() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def fetch_pinned(repo_id: str, revision: str, filenames: tuple[str, ...], target: Path, fix: str, *,
+                 reachable: Callable[[], bool] = hub_reachable, report: Callable[[str], None] | None = None) -> Path:
+    """Download `filenames` of a Hub repository at a pinned `revision` into `target` as real files; offline
+    (``HF_HUB_OFFLINE``, or no connection within the probe time) it stops at once, saying `fix`."""
+    if _offline_env():
+        raise AlchemyError("cannot download while HF_HUB_OFFLINE is set", target, fix)
+    if not reachable():
+        host, port = hub_address()
+        raise AlchemyError(f"the Hugging Face Hub cannot be reached (no connection to {host}:{port} within "
+                           f"{PROBE_TIMEOUT_S:g}s; offline?)", target, fix)
+    import huggingface_hub
+    from huggingface_hub import hf_hub_download
+
+    if report:
+        report(f"downloading {repo_id}@{revision[:10]} into {target}")
+    try:
+        for filename in filenames:
+            hf_hub_download(repo_id, filename, revision=revision, local_dir=str(target),
+                            etag_timeout=PROBE_TIMEOUT_S, **_real_files_kwargs(huggingface_hub.__version__))
+    except Exception as exc:
+        raise AlchemyError(f"download of {repo_id} failed ({type(exc).__name__}: {exc})", target, fix) from None
+    return target
+
+
 def download_known_model(key: str, models_dir: str | os.PathLike, *,
                          reachable: Callable[[], bool] = hub_reachable,
                          report: Callable[[str], None] | None = None) -> Path:
     """Fetch a known model's files at its pinned revision into `models_dir/<key>/`."""
     model = KNOWN_MODELS[key]
     target = Path(models_dir) / key
-    if _offline_env():
-        raise AlchemyError("cannot download while HF_HUB_OFFLINE is set", target, _missing_message(key, target))
-    if not reachable():
-        host, port = hub_address()
-        raise AlchemyError(f"the Hugging Face Hub cannot be reached (no connection to {host}:{port} within "
-                           f"{PROBE_TIMEOUT_S:g}s; offline?)", target, _missing_message(key, target))
-    import huggingface_hub
-    from huggingface_hub import hf_hub_download
-
-    if report:
-        report(f"downloading {model.repo_id}@{model.revision[:10]} into {target}")
-    try:
-        for filename in WD14_FILES:
-            hf_hub_download(model.repo_id, filename, revision=model.revision, local_dir=str(target),
-                            etag_timeout=PROBE_TIMEOUT_S, **_real_files_kwargs(huggingface_hub.__version__))
-    except Exception as exc:
-        raise AlchemyError(f"download of {model.repo_id} failed ({type(exc).__name__}: {exc})", target,
-                           _missing_message(key, target)) from None
+    fetch_pinned(model.repo_id, model.revision, WD14_FILES, target, _missing_message(key, target),
+                 reachable=reachable, report=report)
     if model.onnx_sha256:
         h = hashlib.sha256()
         with open(target / "model.onnx", "rb") as fh:

@@ -48,10 +48,11 @@ def build_train_tabs(runner: JobRunner, context: UIContext, title_prefix: str = 
     WebUI's Train tab)."""
     import gradio as gr
 
-    from ..methods.registry import methods, resolve
+    from ..methods.registry import create_only, methods, resolve
 
     registered = methods()
     tabs = [(f"Create {m.noun}", m.create_panel, m.create_tab, m) for m in registered if m.create_panel]
+    tabs += [(f"Create {m.noun}", m.create_panel, m.create_tab, m) for m in create_only()]
     tabs += [(f"Train {m.noun}", m.train_panel, m.train_tab, m) for m in registered]
     for title, panel, builder, method in tabs:
         with gr.Tab(f"{title_prefix}{title}", id=f"alchemy_{panel}_tab", elem_id=f"alchemy_{panel}_tab"):

@@ -81,7 +81,9 @@ def standalone_context(model: ModelHolder, data_dir: Path, tagger_models_dir: Pa
         defaults.update(demo_training_defaults())
     return UIContext(model=model, embeddings_dir=data_dir / "embeddings", hypernetworks_dir=data_dir / "hypernetworks",
                      log_root=data_dir, tagger_models_dir=tagger_models_dir or Path("models") / "tagger",
-                     cache_dir=model.cache_dir, defaults=defaults, folders={"lora": data_dir / "Lora"})
+                     cache_dir=model.cache_dir, defaults=defaults,
+                     folders={"lora": data_dir / "Lora", "aesthetic_embeddings": data_dir / "aesthetic_embeddings",
+                              "aesthetic_clip": Path("models") / "aesthetic_clip"})
 
 
 def demo_training_defaults() -> dict:

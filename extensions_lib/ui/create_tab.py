@@ -26,19 +26,20 @@ def build_create_tab(runner: JobRunner, context: UIContext, method: MethodSpec) 
         unsupported_note(context.unsupported[panel])
         return
     job = resolve(method.create_job)
+    as_job = getattr(method, "create_runs_as_job", method.create_needs_model)
     prefix = f"alchemy_{panel}"
     with gr.Row(elem_id=prefix):
         with gr.Column(scale=3):
             form = render_options(options_cls, context.defaults_for(options_cls), elem_prefix=prefix)
             button = gr.Button(f"Create {method.noun}", variant="primary", elem_id=f"{prefix}_start")
         with gr.Column(scale=2, elem_classes=[SIDE_PANE_CLASS]):
-            if method.create_needs_model:
+            if as_job:
                 progress_panel(panel)
             result = gr.Textbox(label="Result", lines=3, interactive=False, elem_id=f"{prefix}_result")
 
     def create(options) -> str:
         request = CreateRequest(options, context)
-        if not method.create_needs_model:
+        if not as_job:
             return f"Created: {job(request, None)}"
         title = f"Creating {method.noun} {getattr(options, 'name', '')}"
         p = run_and_report(runner, job, request, title=title, panel=panel)
@@ -51,4 +52,4 @@ def build_create_tab(runner: JobRunner, context: UIContext, method: MethodSpec) 
             return error_text(exc)
 
     button.click(fn=on_create, inputs=form.inputs, outputs=[result],
-                 _js=watch_js(panel) if method.create_needs_model else None)
+                 _js=watch_js(panel) if as_job else None)

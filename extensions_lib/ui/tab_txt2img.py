@@ -1,5 +1,5 @@
 """The standalone app's txt2img panel, for trying embeddings (by name in the prompt) and hypernetworks
-(``<hypernet:name:mult>`` tags, or the select + strength toggle). Inside the WebUI its own txt2img tab does
+(``<hypernet:name:mult>`` tags, or the select + strength toggle) and aesthetic embeddings. Inside the WebUI its own txt2img tab does
 this, so the glue does not use this builder."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import html
 
 import gradio as gr
 
+from ..aesthetic.options import NONE, AestheticOptions
 from ..errors import AlchemyError
 from ..sampling.txt2img import GenerationOptions
 from ..jobs.context import UIContext
@@ -21,6 +22,10 @@ PANEL = "txt2img"
 
 def hypernetwork_choices(loaders: Loaders) -> list[str]:
     return [NO_HYPERNETWORK, *loaders.hypernetworks().names()]
+
+
+def aesthetic_choices(loaders: Loaders) -> list[str]:
+    return [NONE, *loaders.aesthetic()[0].usable()]
 
 
 def embeddings_note(loaders: Loaders) -> str:
@@ -51,6 +56,10 @@ def build_txt2img(runner: JobRunner, context: UIContext, loaders: Loaders | None
                                      elem_id="alchemy_txt2img_hypernetwork_strength")
                 refresh = refresh_button("alchemy_txt2img_refresh")
             embeddings = gr.HTML(embeddings_note(loaders))
+            with gr.Accordion("Aesthetic Gradients", open=False, elem_id="alchemy_txt2img_aesthetic"):
+                aesthetic = gr.Dropdown(choices=aesthetic_choices(loaders), value=NONE, label="Aesthetic imgs embedding",
+                                        elem_id="alchemy_txt2img_aesthetic_embedding")
+                aesthetic_form = render_options(AestheticOptions, elem_prefix="alchemy_txt2img_aesthetic")
             with gr.Row():
                 start = gr.Button("Generate", variant="primary", elem_id="alchemy_txt2img_start")
                 interrupt_button(runner, PANEL)
@@ -59,23 +68,29 @@ def build_txt2img(runner: JobRunner, context: UIContext, loaders: Loaders | None
             gallery = gr.Gallery(label="Images", elem_id="alchemy_txt2img_gallery", columns=2, height="auto")
             info = gr.Textbox(label="Generation info", lines=4, interactive=False, elem_id="alchemy_txt2img_info")
 
-    def on_generate(hn_name, hn_strength, *values):
+    count = len(aesthetic_form.inputs)
+
+    def on_generate(hn_name, hn_strength, aesthetic_name, *values):
         try:
-            options = form.read(values)
+            aesthetic_options = aesthetic_form.read(values[:count], extra={"embedding": aesthetic_name or NONE})
+            options = form.read(values[count:])
         except AlchemyError as exc:
             return [], error_text(exc)
-        request = GenerateRequest(options, loaders, hn_name or NO_HYPERNETWORK, float(hn_strength))
+        request = GenerateRequest(options, loaders, hn_name or NO_HYPERNETWORK, float(hn_strength),
+                                  aesthetic=aesthetic_options)
         p = run_and_report(runner, generate_images, request, title="Generating", panel=PANEL)
         if p.state != "done":
             return [], outcome(p)
         images = p.result
         return images, "\n\n".join(image.info.get("parameters", "") for image in images)
 
-    def on_refresh(current):
+    def on_refresh(current, current_aesthetic):
         choices = hypernetwork_choices(loaders)
+        styles = aesthetic_choices(loaders)
         return (gr.update(choices=choices, value=current if current in choices else NO_HYPERNETWORK),
-                embeddings_note(loaders))
+                embeddings_note(loaders),
+                gr.update(choices=styles, value=current_aesthetic if current_aesthetic in styles else NONE))
 
-    start.click(fn=on_generate, inputs=[hypernetwork, strength, *form.inputs], outputs=[gallery, info],
-                _js=watch_js(PANEL))
-    refresh.click(fn=on_refresh, inputs=[hypernetwork], outputs=[hypernetwork, embeddings])
+    start.click(fn=on_generate, inputs=[hypernetwork, strength, aesthetic, *aesthetic_form.inputs, *form.inputs],
+                outputs=[gallery, info], _js=watch_js(PANEL))
+    refresh.click(fn=on_refresh, inputs=[hypernetwork, aesthetic], outputs=[hypernetwork, embeddings, aesthetic])

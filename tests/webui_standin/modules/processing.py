@@ -2,7 +2,9 @@
 order in which ``process_images`` calls the always-on script hooks around extra networks.
 
 ``prepare(p)`` runs everything up to sampling (script ``process``, per batch ``before_process_batch``,
-extra-network parsing and activation, prompt encoding with ``p.c``); ``finish(p)`` runs ``postprocess`` and
+extra-network parsing and activation, prompt encoding: ``p.uc`` then ``p.c``, through the host's condition
+cache, whose lists ``cached_uc``/``cached_c`` are class attributes shared by every job unless a script gives
+``p`` its own); ``finish(p)`` runs ``postprocess`` and
 returns the infotext. The sampler is not simulated: tests call ``sd_model.apply_model`` themselves.
 """
 from __future__ import annotations
@@ -11,6 +13,9 @@ from modules import errors, extra_networks, scripts, sd_hijack
 
 
 class StableDiffusionProcessingTxt2Img:
+    cached_uc = [None, None]
+    cached_c = [None, None]
+
     def __init__(self, sd_model=None, prompt="", negative_prompt="", seed=-1, steps=20, cfg_scale=7.0,
                  width=512, height=512, batch_size=1, do_not_save_grid=True, do_not_save_samples=True,
                  do_not_reload_embeddings=False, **kwargs):
@@ -30,7 +35,10 @@ class StableDiffusionProcessingTxt2Img:
         self.scripts = []
         self.script_args = []
         self.all_prompts = [prompt] * batch_size
+        self.all_negative_prompts = [negative_prompt] * batch_size
         self.prompts = list(self.all_prompts)
+        self.negative_prompts = list(self.all_negative_prompts)
+        self.uc = None
         self.c = None
         self.extra_network_data = None
 
@@ -56,9 +64,26 @@ def prepare(p):
     p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
     if not p.disable_extra_networks:
         extra_networks.activate(p, p.extra_network_data)
-    p.c = p.sd_model.get_learned_conditioning(p.prompts)
+    p.negative_prompts = list(p.all_negative_prompts)
+    p.uc = get_conds_with_caching(p, p.sd_model.get_learned_conditioning, p.negative_prompts, [p.cached_uc])
+    p.c = get_conds_with_caching(p, p.sd_model.get_learned_conditioning, p.prompts, [p.cached_c])
     p.extra_generation_params.update(sd_hijack.model_hijack.extra_generation_params)
     return p
+
+
+def get_conds_with_caching(p, function, required_prompts, caches):
+    """The host's cache: the last conditioning is reused when prompts and these settings are unchanged."""
+    from modules import shared
+
+    cached_params = (required_prompts, shared.opts.CLIP_stop_at_last_layers, p.sd_model.sd_checkpoint_info,
+                     p.extra_network_data, shared.opts.emphasis)
+    for cache in caches:
+        if cache[0] is not None and cached_params == cache[0]:
+            return cache[1]
+    cache = caches[0]
+    cache[1] = function(required_prompts)
+    cache[0] = cached_params
+    return cache[1]
 
 
 def finish(p, processed=None):
