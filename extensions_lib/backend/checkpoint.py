@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,16 +69,22 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class _SafetensorsReader(CheckpointReader):
-    def __init__(self, path: Path, header: dict):
-        from safetensors import safe_open
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
+
+class _SafetensorsReader(CheckpointReader):
+    """Each tensor read with plain file reads into memory of its own.
+
+    No memory map: a mapped file's pages count toward the process's memory while the map lives, and a
+    tensor viewing the map (safetensors' ``get_tensor``) keeps all of it alive, so a loader converting
+    fp16 to fp32 would peak at the converted weights plus the whole file.
+    """
+
+    def __init__(self, path: Path, header: dict, data_start: int):
         self.path = path
         self._header = {k: v for k, v in header.items() if k != "__metadata__"}
-        try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:
-            raise AlchemyError(f"not a readable .safetensors file ({exc})", path, FIX_REDOWNLOAD) from exc
+        self._data_start = data_start
+        self._fh = open(path, "rb", buffering=0)
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -88,13 +96,24 @@ class _SafetensorsReader(CheckpointReader):
         return _SAFETENSORS_DTYPES.get(self._header[key]["dtype"], torch.uint8)
 
     def take(self, key: str) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as exc:
-            raise AlchemyError(f"cannot read tensor {key!r} ({exc})", self.path, FIX_REDOWNLOAD) from exc
+        entry = self._header[key]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        self._fh.seek(self._data_start + begin)
+        while done < len(view):
+            got = self._fh.readinto(view[done:])
+            if not got:
+                raise AlchemyError(f"truncated .safetensors file: tensor {key!r} is cut off", self.path,
+                                   FIX_REDOWNLOAD)
+            done += got
+        if sys.byteorder != "little" and _DTYPE_SIZES[entry["dtype"]] > 1:
+            raise AlchemyError("safetensors files are little-endian; this machine is not", self.path,
+                               "load the file on a little-endian machine")
+        return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(self.shape(key))
 
     def close(self) -> None:
-        self._file = None
+        self._fh.close()
 
 
 class _PickleReader(CheckpointReader):
@@ -130,8 +149,11 @@ def _check_file(path: Path) -> int:
     return size
 
 
-def _safetensors_header(path: Path, size: int, head: bytes) -> dict | None:
-    """The parsed JSON header if the file starts like a safetensors file, else None."""
+def _safetensors_header(path: Path, size: int, head: bytes) -> tuple[dict, int] | None:
+    """(the parsed JSON header, where the data starts) if the file starts like a safetensors file, else None.
+
+    Every entry's declared dtype, shape and byte range are checked here, before anything is allocated.
+    """
     if len(head) < 9:
         return None
     (length,) = struct.unpack("<Q", head[:8])
@@ -146,11 +168,26 @@ def _safetensors_header(path: Path, size: int, head: bytes) -> dict | None:
         header = json.loads(raw)
     except ValueError as exc:
         raise AlchemyError(f"damaged .safetensors header ({exc})", path, FIX_REDOWNLOAD) from None
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise AlchemyError("damaged .safetensors header (not a JSON object)", path, FIX_REDOWNLOAD)
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = math.prod(int(n) for n in shape)
+            valid = (dtype in _DTYPE_SIZES and all(int(n) >= 0 for n in shape)
+                     and 0 <= int(begin) <= int(stop) and int(stop) - int(begin) == count * _DTYPE_SIZES[dtype])
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise AlchemyError(f"damaged .safetensors header: bad entry for {key!r}", path, FIX_REDOWNLOAD)
+        end = max(end, int(stop))
     if 8 + length + end > size:
         raise AlchemyError(f"truncated .safetensors file: {size} bytes, the header needs {8 + length + end}",
                            path, FIX_REDOWNLOAD)
-    return header
+    return header, 8 + length
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -172,9 +209,9 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     size = _check_file(path)
     with open(path, "rb") as fh:
         head = fh.read(9)
-    header = _safetensors_header(path, size, head)
-    if header is not None:
-        return _SafetensorsReader(path, header)
+    parsed = _safetensors_header(path, size, head)
+    if parsed is not None:
+        return _SafetensorsReader(path, *parsed)
     if head[:2] == b"PK" or head[:1] == b"\x80":       # torch zip archive / legacy pickle
         from ..safe_pickle import safe_load
 
