@@ -12,7 +12,6 @@ Every problem a user can fix raises :class:`~extensions_lib.errors.AlchemyError`
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -346,15 +345,9 @@ def probe_is_v(unet: torch.nn.Module, context_dim: int) -> bool:
 
 # --- hashing --------------------------------------------------------------------------------------------
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def short_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """The WebUI's checkpoint short hash: sha256 of the whole file, first 10 hex digits (cached per file
+    version, see :mod:`.hash_cache`)."""
+    from .hash_cache import cached_sha256
 
-
-def short_hash(path: str | os.PathLike) -> str:
-    """The WebUI's checkpoint short hash: sha256 of the whole file, first 10 hex digits."""
-    return sha256_file(path)[:10]
-
+    return cached_sha256(path, cache_dir)[:10]
