@@ -145,7 +145,8 @@ def sample_latents(adapter: ModelAdapter, spec: SamplerSpec, cond: torch.Tensor,
 def decode_images(adapter: ModelAdapter, latents: torch.Tensor) -> list[Image.Image]:
     """VAE-decode one latent at a time (as the WebUI does: peak memory of a single image)."""
     vae = adapter.modules().get("vae")
-    dtype = next(vae.parameters()).dtype if vae is not None else adapter.dtype
+    dtype = getattr(adapter, "compute_dtype", None) or (next(vae.parameters()).dtype if vae is not None
+                                                         else adapter.dtype)
     with adapter.use("vae"):
         return [to_pil(adapter.decode_latents(latent[None].to(adapter.device, dtype))[0]) for latent in latents]
 
