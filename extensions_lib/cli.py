@@ -1,8 +1,9 @@
 """The ``alchemy`` command line.
 
 Each command lives in its own module exposing ``register(subparsers)``, which adds a parser whose
-``func(args) -> int`` runs it. Modules are listed here once; a module that fails to import (an
-optional dependency missing) only hides its own commands and says why.
+``func(args) -> int`` runs it. General modules are listed here once, each training method's in the method
+registry; a module that fails to import (an optional dependency missing) only hides its own commands and
+says why.
 """
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ import sys
 
 from .errors import AlchemyError, Cancelled
 
-COMMAND_MODULES = [
+BEFORE_METHODS = [
     "extensions_lib.commands.models",      # make-tiny-model, inspect
     "extensions_lib.commands.generate",    # txt2img
-    "extensions_lib.commands.embedding",   # embedding create/train
-    "extensions_lib.commands.hypernetwork",  # hypernetwork create/train
+]
+AFTER_METHODS = [
     "extensions_lib.commands.dataset",     # tag, preprocess
     "extensions_lib.commands.demo",        # demo (the README's first command)
     "extensions_lib.commands.ui",          # ui (standalone gradio app)
 ]
+
+
+def command_modules() -> list[str]:
+    """Every command module: the general ones around each registered training method's
+    (:mod:`extensions_lib.methods.registry`: ``alchemy embedding``, ``alchemy hypernetwork``, ...)."""
+    from .methods.registry import methods
+
+    return [*BEFORE_METHODS, *(m.cli for m in methods()), *AFTER_METHODS]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
@@ -29,7 +38,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         description="Train and load Stable Diffusion embeddings, hypernetworks and more; tag datasets.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     problems = []
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

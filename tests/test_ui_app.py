@@ -23,9 +23,9 @@ from extensions_lib.sampling.txt2img import GenerationOptions  # noqa: E402
 from extensions_lib.tagger.options import CaptionOptions, TagRunOptions  # noqa: E402
 from extensions_lib.ui import build_dataset_tabs, build_train_tabs  # noqa: E402
 from extensions_lib.ui.app import build_app  # noqa: E402
-from extensions_lib.ui.context import UIContext  # noqa: E402
+from extensions_lib.jobs.context import UIContext  # noqa: E402
 from extensions_lib.ui.forms import render_options  # noqa: E402
-from extensions_lib.ui.thread_runner import ThreadJobRunner  # noqa: E402
+from extensions_lib.jobs.thread_runner import ThreadJobRunner  # noqa: E402
 
 TAB_OPTIONS = [CaptionOptions, TagRunOptions, PreprocessOptions, CreateEmbeddingOptions, EmbeddingTrainOptions,
                CreateHypernetworkOptions, HypernetworkTrainOptions, GenerationOptions]

@@ -22,13 +22,13 @@ from extensions_lib.preprocess.options import PreprocessOptions
 from extensions_lib.sampling.txt2img import GenerationOptions, generate_from
 from extensions_lib.tagger import CaptionOptions, TagRunOptions, caption_images, decode_image, load_tagger
 from extensions_lib.ui.app import ModelHolder, demo_checkpoint
-from extensions_lib.ui.context import UIContext
-from extensions_lib.ui.dataset_jobs import (PreprocessRequest, TagImageRequest, TagRequest, preprocess_folder,
+from extensions_lib.jobs.context import UIContext
+from extensions_lib.jobs.dataset import (PreprocessRequest, TagImageRequest, TagRequest, preprocess_folder,
                                             tag_folder, tag_image)
-from extensions_lib.ui.generate_job import GenerateRequest, Loaders, generate_images
-from extensions_lib.ui.progress import run_job
-from extensions_lib.ui.thread_runner import ThreadJobRunner
-from extensions_lib.ui.training_jobs import (CreateEmbeddingRequest, TrainRequest, create_embedding_file, for_context,
+from extensions_lib.jobs.generate import GenerateRequest, Loaders, generate_images
+from extensions_lib.jobs.progress import run_job
+from extensions_lib.jobs.thread_runner import ThreadJobRunner
+from extensions_lib.jobs.training import (CreateRequest, TrainRequest, create_embedding_file, for_context,
                                              train_embedding_file, train_hypernetwork_file, with_txt2img_preview)
 from train_fakes import make_folder
 
@@ -133,7 +133,7 @@ def test_preprocess_captions_through_the_tag_tabs_model_slot(context, tmp_path):
 
 def test_create_train_and_generate_with_an_embedding(context, tmp_path):
     runner = ThreadJobRunner()
-    created = run_job(runner, create_embedding_file, CreateEmbeddingRequest(
+    created = run_job(runner, create_embedding_file, CreateRequest(
         CreateEmbeddingOptions(name="uicat", init_text="cat", num_vectors_per_token=2), context), title="create")
     assert created.state == "done", created.error
     path = context.embeddings_dir / "uicat.pt"
@@ -169,7 +169,7 @@ def test_create_train_and_generate_with_an_embedding(context, tmp_path):
 
 def test_bad_training_input_fails_clearly_and_changes_nothing(context, tmp_path):
     runner = ThreadJobRunner()
-    run_job(runner, create_embedding_file, CreateEmbeddingRequest(CreateEmbeddingOptions(name="keep"), context),
+    run_job(runner, create_embedding_file, CreateRequest(CreateEmbeddingOptions(name="keep"), context),
             title="create")
     path = context.embeddings_dir / "keep.pt"
     original = path.read_bytes()
@@ -183,7 +183,7 @@ def test_bad_training_input_fails_clearly_and_changes_nothing(context, tmp_path)
     assert path.read_bytes() == original
 
     no_model = dataclasses.replace(context, model=UIContext().model)
-    p = run_job(runner, create_embedding_file, CreateEmbeddingRequest(CreateEmbeddingOptions(name="x"), no_model),
+    p = run_job(runner, create_embedding_file, CreateRequest(CreateEmbeddingOptions(name="x"), no_model),
                 title="create")
     assert p.state == "failed" and p.error == "no model is loaded (load a Stable Diffusion checkpoint first)"
 

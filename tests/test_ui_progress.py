@@ -12,9 +12,9 @@ from extensions_lib.errors import AlchemyError, Cancelled
 from extensions_lib.host.jobs import HostJobRunner
 from extensions_lib.train.loop import train
 from extensions_lib.train.options import TrainingOptions
-from extensions_lib.ui.progress import (JobContext, ProgressBoard, downsample, format_duration, progress_payload,
+from extensions_lib.jobs.progress import (JobContext, ProgressBoard, downsample, format_duration, progress_payload,
                                         run_job, status_line)
-from extensions_lib.ui.thread_runner import ThreadJobRunner
+from extensions_lib.jobs.thread_runner import ThreadJobRunner
 from train_fakes import LinearMethod, ToyData
 
 

@@ -30,7 +30,7 @@ def _hypernetwork(host, name="hnet"):
 
 def _request(extension, data_root, **changes):
     from extensions_lib.hypernetworks.train_options import HypernetworkTrainOptions
-    from extensions_lib.ui.training_jobs import TrainRequest
+    from extensions_lib.jobs.training import TrainRequest
 
     values = dict(hypernetwork_name="hnet", data_root=str(data_root), training_width=64, training_height=64,
                   steps=4, learn_rate="1e-3", save_every=2, create_image_every=3, preview_steps=2, seed=7,
@@ -73,7 +73,7 @@ def _wait_for(predicate, timeout=120.0):
 
 
 def test_training_runs_in_the_host_queue_and_reports_through_shared_state(webui):
-    from extensions_lib.ui.training_jobs import train_hypernetwork_file
+    from extensions_lib.jobs.training import train_hypernetwork_file
 
     host, extension, data = webui
     runner = extension.runner
@@ -97,7 +97,7 @@ def test_training_runs_in_the_host_queue_and_reports_through_shared_state(webui)
 
 
 def test_the_hosts_interrupt_stops_training_after_saving(webui):
-    from extensions_lib.ui.training_jobs import train_hypernetwork_file
+    from extensions_lib.jobs.training import train_hypernetwork_file
 
     host, extension, data = webui
     runner = extension.runner
@@ -115,7 +115,7 @@ def test_the_hosts_interrupt_stops_training_after_saving(webui):
 
 
 def test_one_job_at_a_time_and_queued_behind_a_generation(webui):
-    from extensions_lib.ui.training_jobs import train_hypernetwork_file
+    from extensions_lib.jobs.training import train_hypernetwork_file
 
     host, extension, data = webui
     runner = extension.runner
@@ -133,7 +133,7 @@ def test_one_job_at_a_time_and_queued_behind_a_generation(webui):
 
 
 def test_a_model_switch_stops_training_cleanly(webui, tiny_checkpoint):
-    from extensions_lib.ui.training_jobs import train_hypernetwork_file
+    from extensions_lib.jobs.training import train_hypernetwork_file
 
     host, extension, data = webui
     runner = extension.runner
@@ -153,7 +153,7 @@ def test_a_model_switch_stops_training_cleanly(webui, tiny_checkpoint):
 
 
 def test_a_failing_job_reports_why_and_frees_the_runner(webui):
-    from extensions_lib.ui.training_jobs import train_hypernetwork_file
+    from extensions_lib.jobs.training import train_hypernetwork_file
 
     host, extension, data = webui
     runner = extension.runner
@@ -167,7 +167,7 @@ def test_a_failing_job_reports_why_and_frees_the_runner(webui):
 
 def test_embedding_created_and_trained_under_medvram_reaches_the_hosts_prompts(tmp_path, tiny_checkpoint):
     from extensions_lib.embeddings.options import CreateEmbeddingOptions, EmbeddingTrainOptions
-    from extensions_lib.ui.training_jobs import (CreateEmbeddingRequest, TrainRequest, create_embedding_file,
+    from extensions_lib.jobs.training import (CreateRequest, TrainRequest, create_embedding_file,
                                                  train_embedding_file)
 
     with standin_host(tmp_path, medvram=True) as host:
@@ -176,7 +176,7 @@ def test_embedding_created_and_trained_under_medvram_reaches_the_hosts_prompts(t
         data = make_folder(tmp_path / "data", n=2, size=(64, 64))
         runner = extension.runner
         created = runner.wait(runner.start(
-            create_embedding_file, CreateEmbeddingRequest(CreateEmbeddingOptions(name="zqxstyle", init_text="cat"),
+            create_embedding_file, CreateRequest(CreateEmbeddingOptions(name="zqxstyle", init_text="cat"),
                                                           extension.context()),
             title="Creating zqxstyle", panel="create_embedding"), 60)
         assert created.state == "done", created.error

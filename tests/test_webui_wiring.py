@@ -190,7 +190,7 @@ def test_a_toggle_naming_a_missing_file_is_reported_and_the_generation_goes_on(t
 
 def _train_hn(extension, name, data):
     from extensions_lib.hypernetworks.train_options import HypernetworkTrainOptions
-    from extensions_lib.ui.training_jobs import TrainRequest, train_hypernetwork_file
+    from extensions_lib.jobs.training import TrainRequest, train_hypernetwork_file
 
     options = HypernetworkTrainOptions(hypernetwork_name=name, data_root=str(data), training_width=64,
                                        training_height=64, steps=2, learn_rate="1e-3", save_every=0,

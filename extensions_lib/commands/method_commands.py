@@ -2,7 +2,8 @@
 declared from option classes, and for ``train`` the options (from the flags, or a stopped run's), the
 progress bar and the closing lines.
 
-Not a command module itself: ``cli.COMMAND_MODULES`` names those.
+Not a command module itself: each method's registration (:mod:`extensions_lib.methods.registry`) names
+its own.
 """
 from __future__ import annotations
 

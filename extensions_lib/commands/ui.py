@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..ui.app import ModelHolder, default_cache_dir, launch, standalone_context
-    from ..ui.thread_runner import ThreadJobRunner
+    from ..jobs.thread_runner import ThreadJobRunner
 
     command = from_cli(UiCommand, args)
     model = ModelHolder(command.ckpt, command.cache_dir or default_cache_dir(), command.device)

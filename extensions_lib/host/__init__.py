@@ -14,6 +14,6 @@ against a stand-in host and keeps working (with a clear "unsupported" message) w
   ``loaded_hypernetworks`` (or our own patch where the host has none), infotext; both set aside while a
   training job uses the model.
 - ``jobs``: one long job at a time through the host's GPU queue and ``shared.state``.
-- ``api``: the FastAPI routes, running the same job functions as the tabs (``extensions_lib.ui.dataset_jobs``,
-  ``extensions_lib.ui.training_jobs``).
+- ``api``: the FastAPI routes, running the same job functions as the tabs (``extensions_lib.jobs.dataset``,
+  ``extensions_lib.jobs.training``).
 """

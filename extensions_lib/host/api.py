@@ -1,14 +1,15 @@
 """Alchemy's HTTP API inside the WebUI (added in ``on_app_started``), with honest status codes.
 
-Every route runs the same job functions as the tabs (``extensions_lib.ui.dataset_jobs`` /
-``training_jobs``) on the same one-at-a-time runner, with options parsed by the same option dataclasses
+Every route runs the same job functions as the tabs (``extensions_lib.jobs.dataset`` /
+``extensions_lib.jobs.training``) on the same one-at-a-time runner, with options parsed by the same option dataclasses
 (settings supply the defaults; an unknown option name is an error, not silently ignored).
 
     GET  /alchemy/v1/embeddings              embeddings the WebUI loaded (and skipped, with why)
     GET  /alchemy/v1/hypernetworks           hypernetworks the toggle can use (and skipped files)
     POST /alchemy/v1/tag/image               {"image": base64, "model"?, "options"?, "run"?} -> {"caption"}
     POST /alchemy/v1/tag/folder              {"folder", "model"?, "options"?, "run"?, "wait"?} -> 202 job
-    POST /alchemy/v1/train/{embedding|hypernetwork}   {"options": {...}, "wait"?} -> 202 job
+    POST /alchemy/v1/train/{method}          {"options": {...}, "wait"?} -> 202 job; one route per
+                                             registered method (embedding, hypernetwork, ...)
     POST /alchemy/v1/jobs/stop               stop the running job (it saves first)
     GET  /alchemy/v1/jobs/current            the current or last job
     GET  /alchemy/v1/jobs/{job_id}           that job, while it is the current or last one
@@ -121,7 +122,7 @@ def check_supported(context, panel: str) -> None:
 
 
 def tagger_folder(context, model: str, download: bool) -> Path:
-    from ..ui.dataset_jobs import resolve_tagger
+    from ..jobs.dataset import resolve_tagger
 
     try:
         return resolve_tagger(context, model, download=download)
@@ -164,7 +165,7 @@ class AlchemyApi:
         return caption, run, model
 
     def tag_image(self, payload: dict):
-        from ..ui.dataset_jobs import TagImageRequest, tag_image
+        from ..jobs.dataset import TagImageRequest, tag_image
 
         context = self.context()
         check_supported(context, "tagger")
@@ -176,7 +177,7 @@ class AlchemyApi:
         return self._finished(p, lambda: {"caption": p.result})
 
     def tag_folder(self, payload: dict):
-        from ..ui.dataset_jobs import TagRequest, tag_folder
+        from ..jobs.dataset import TagRequest, tag_folder
 
         context = self.context()
         check_supported(context, "tagger")
@@ -188,24 +189,23 @@ class AlchemyApi:
         return self._finished(p, lambda: _summary(p.result)) if payload.get("wait") else self._accepted(p)
 
     def train(self, kind: str, payload: dict):
-        from ..embeddings.options import EmbeddingTrainOptions
-        from ..hypernetworks.train_options import HypernetworkTrainOptions
-        from ..ui.training_jobs import TrainRequest, train_embedding_file, train_hypernetwork_file
+        from ..jobs.training import TrainRequest
+        from ..methods.registry import find, resolve
 
-        methods = {"embedding": (EmbeddingTrainOptions, train_embedding_file, "embedding_name"),
-                   "hypernetwork": (HypernetworkTrainOptions, train_hypernetwork_file, "hypernetwork_name")}
-        if kind not in methods:
-            raise NotFound(f"unknown training method {kind!r}", fix=f"use one of: {', '.join(methods)}")
-        cls, job_fn, name_option = methods[kind]
+        try:
+            method = find(kind)
+        except AlchemyError as exc:
+            raise NotFound(exc.what, fix=exc.fix) from None
+        cls, name_option = method.train_options, method.name_option
         context = self.context()
-        check_supported(context, f"train_{kind}")
+        check_supported(context, method.train_panel)
         options = options_from(cls, context.defaults_for(cls), _object(payload, "options"), "request 'options'")
         if not getattr(options, name_option):
             raise BadRequest(f"option {name_option} is required", fix=f"send \"options\": {{\"{name_option}\": ...}}")
         existing_folder(options.data_root, "data_root folder")
         context.model()  # NoModelLoaded (503) before anything starts
-        p = self._run(job_fn, TrainRequest(options=options, context=context),
-                      f"Training {kind} {getattr(options, name_option)}", f"train_{kind}",
+        p = self._run(resolve(method.train_job), TrainRequest(options=options, context=context),
+                      f"Training {method.noun} {getattr(options, name_option)}", method.train_panel,
                       wait=bool(payload.get("wait")))
         return self._finished(p, lambda: _train_result(p.result)) if payload.get("wait") else self._accepted(p)
 
@@ -230,7 +230,7 @@ class AlchemyApi:
 
     @staticmethod
     def _job_body(p) -> dict:
-        from ..ui.progress import progress_payload
+        from ..jobs.progress import progress_payload
 
         return progress_payload(p)
 

@@ -69,10 +69,10 @@ class AlchemyExtension:
         return library
 
     def context(self, preview_params=None):
-        """The :class:`~extensions_lib.ui.context.UIContext` the tabs and the API work with, from the
+        """The :class:`~extensions_lib.jobs.context.UIContext` the tabs and the API work with, from the
         current settings."""
         from ..tagger import ModelSlot
-        from ..ui.context import UIContext
+        from ..jobs.context import UIContext
 
         folders = self.folders()
         defaults, problems = st.all_defaults(self.opts)
@@ -180,7 +180,7 @@ class AlchemyExtension:
             self._tagger_slot.unload()
 
     def on_app_started(self, demo: Any, app: Any) -> None:
-        from ..ui.routes import add_progress_routes
+        from ..jobs.routes import add_progress_routes
         from .api import AlchemyApi, api_switches, register
 
         add_progress_routes(app, self.runner)

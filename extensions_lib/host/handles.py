@@ -92,8 +92,10 @@ class HostHandles:
     # --- what works here -----------------------------------------------------------------------------
     def unsupported(self) -> dict[str, str]:
         """Tab key -> why that tab cannot work in this WebUI (absent: it works)."""
+        from ..methods.registry import methods
+
         out: dict[str, str] = {}
-        needs_model = ("create_embedding", "train_embedding", "train_hypernetwork")
+        needs_model = [panel for m in methods() for panel in m.model_panels()]
         if self.shared is None or self.sd_models is None:
             reason = "this WebUI does not expose its loaded model (modules.shared / modules.sd_models " \
                      f"missing: {self.missing.get('sd_models') or self.missing.get('shared')})"
@@ -101,7 +103,7 @@ class HostHandles:
         if getattr(self.cmd_opts, "lowvram", False):
             reason = "training does not work with --lowvram (the WebUI's own training refuses it too); " \
                      "restart the WebUI with --medvram instead"
-            out.update({key: reason for key in ("train_embedding", "train_hypernetwork")})
+            out.update({m.train_panel: reason for m in methods()})
         if self.call_queue is None or not hasattr(self.call_queue, "wrap_gradio_gpu_call"):
             reason = "this WebUI has no GPU queue (modules.call_queue.wrap_gradio_gpu_call), so training " \
                      "could run at the same time as a generation"

@@ -1,11 +1,11 @@
 """Long jobs inside the WebUI: one at a time, through the host's GPU queue, reported in ``shared.state``.
 
-:class:`HostJobRunner` is the :class:`~extensions_lib.ui.progress.JobRunner` the tabs and the HTTP API use
+:class:`HostJobRunner` is the :class:`~extensions_lib.jobs.progress.JobRunner` the tabs and the HTTP API use
 inside the WebUI. A job runs on its own thread, wrapped by the host's ``call_queue.wrap_gradio_gpu_call``:
 it waits its turn behind any generation in the host's FIFO queue (shown as "queued" by the host's progress
 endpoint under our task id), the host calls ``shared.state.begin``/``end`` around it, and meanwhile:
 
-- progress goes to our :class:`~extensions_lib.ui.progress.ProgressBoard` (what ``alchemy.js`` polls: step,
+- progress goes to our :class:`~extensions_lib.jobs.progress.ProgressBoard` (what ``alchemy.js`` polls: step,
   loss curve, it/s, ETA, previews) *and* to ``shared.state`` (``job_no``/``job_count``, ``textinfo``, the
   preview as the current image), so the host's own progress bar and Interrupt button work too;
 - the job stops at its next safe point (trainers save first) when our Interrupt is pressed, when the host's
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AlchemyError, Cancelled
-from ..ui.progress import JobContext, ProgressBoard
-from ..ui.thread_runner import BackgroundJobRunner, describe_error, ended_early
+from ..jobs.progress import JobContext, ProgressBoard
+from ..jobs.thread_runner import BackgroundJobRunner, describe_error, ended_early
 
 log = logging.getLogger(__name__)
 

@@ -113,31 +113,42 @@ def tagger_keys() -> dict[type, dict[str, str]]:
     return keys
 
 
-def training_methods() -> dict[str, type]:
-    from ..embeddings.options import EmbeddingTrainOptions
-    from ..hypernetworks.train_options import HypernetworkTrainOptions
+PER_METHOD_OPTIONS = frozenset({"learn_rate"})
+"""Shared training options whose default depends on the method: each method saves its own
+(hypernetworks want a learning rate 500 times smaller than embeddings)."""
 
-    return {"embedding": EmbeddingTrainOptions, "hypernetwork": HypernetworkTrainOptions}
+
+def training_methods() -> dict[str, type]:
+    """{method key: training options class} of every registered method
+    (:mod:`extensions_lib.methods.registry`)."""
+    from ..methods.registry import methods
+
+    return {m.key: m.train_options for m in methods()}
 
 
 def training_keys(methods: dict[str, type] | None = None) -> dict[type, dict[str, str]]:
     """{method options class: {option: setting key}} for the options every method shares.
 
-    One key (``alchemy_train_<option>``) where all methods declare the same default, one per method
-    (``alchemy_train_<method>_<option>``) where they differ: hypernetworks want a learning rate 500 times
-    smaller than embeddings, and one shared setting would hand one of them the other's.
+    One key (``alchemy_train_<option>``) shared by the methods, except where a method's good default differs:
+    then it has its own (``alchemy_train_<method>_<option>``), so one method's saved value never reaches
+    another. Own keys are the :data:`PER_METHOD_OPTIONS`, and any option a method declares with another
+    default than the methods registered before it. Keys depend only on the methods up to that one in
+    registry order, so registering a new method never renames the others' keys (saved settings stay).
     """
     from ..train.options import TrainingOptions
 
     methods = methods or training_methods()
-    declared = {cls: {s.name: s for s in opt.specs(cls)} for cls in methods.values()}
-    keys: dict[type, dict[str, str]] = {cls: {} for cls in methods.values()}
-    for spec in opt.specs(TrainingOptions):
-        if not spec.ui:
-            continue
-        defaults = {repr(declared[cls][spec.name].default) for cls in methods.values()}
-        for method, cls in methods.items():
-            keys[cls][spec.name] = TRAIN_PREFIX + (spec.name if len(defaults) == 1 else f"{method}_{spec.name}")
+    shared_default: dict[str, str] = {}  # option -> repr of the default its shared key holds
+    keys: dict[type, dict[str, str]] = {}
+    for method, cls in methods.items():
+        declared = {s.name: s for s in opt.specs(cls)}
+        keys[cls] = {}
+        for spec in opt.specs(TrainingOptions):
+            if not spec.ui:
+                continue
+            default = shared_default.setdefault(spec.name, repr(declared[spec.name].default))
+            own = spec.name in PER_METHOD_OPTIONS or repr(declared[spec.name].default) != default
+            keys[cls][spec.name] = TRAIN_PREFIX + (f"{method}_{spec.name}" if own else spec.name)
     return keys
 
 
@@ -157,10 +168,11 @@ def keyed_settings(keys: dict[type, dict[str, str]], labels: dict[type, str] | N
 
 def all_settings(hypernetwork_choices: Callable[[], Sequence[str]],
                  refresh_hypernetworks: Callable[[], None] | None = None) -> list[Setting]:
-    methods = training_methods()
-    labels = {cls: f"{method.capitalize()}: " for method, cls in methods.items()}
+    from ..methods.registry import methods
+
+    labels = {m.train_options: f"{m.title}: " for m in methods()}
     return [*hypernetwork_toggle(hypernetwork_choices, refresh_hypernetworks), *folder_settings(),
-            *keyed_settings(tagger_keys()), *keyed_settings(training_keys(methods), labels)]
+            *keyed_settings(tagger_keys()), *keyed_settings(training_keys(), labels)]
 
 
 # ---- rendering for the WebUI ------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 from ..errors import AlchemyError
-from .context import UIContext
-from .progress import JobRunner
+from ..jobs.context import UIContext
+from ..jobs.progress import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +86,15 @@ def standalone_context(model: ModelHolder, data_dir: Path, tagger_models_dir: Pa
 
 
 def demo_training_defaults() -> dict:
-    """Training options sized for the tiny demo model, for each training method that is installed."""
-    from .tab_train_embedding import embedding_train_options_class
-    from .tab_train_hypernetwork import hypernetwork_train_options_class
+    """Training options sized for the tiny demo model, for each registered training method."""
+    from ..methods.registry import methods
 
     small = dict(training_width=64, training_height=64, steps=50, save_every=25, create_image_every=25,
                  write_csv_every=5)
     out = {}
-    for find in (embedding_train_options_class, hypernetwork_train_options_class):
-        cls = find()
-        if cls is not None:
-            out[cls] = cls(**{k: v for k, v in small.items() if k in cls.__dataclass_fields__})
+    for method in methods():
+        cls = method.train_options
+        out[cls] = cls(**{k: v for k, v in small.items() if k in cls.__dataclass_fields__})
     return out
 
 
@@ -135,7 +133,7 @@ def build_app(runner: JobRunner, context: UIContext, *, title: str = "Alchemy"):
 def launch(runner: JobRunner, context: UIContext, *, host: str = "127.0.0.1", port: int = 7861,
            block: bool = True):
     """Serve the app; returns (demo, local url). With `block` it serves until Ctrl-C."""
-    from .routes import add_progress_routes
+    from ..jobs.routes import add_progress_routes
 
     demo = build_app(runner, context)
     # Several workers: a click handler waits for its job while other events (refresh, a second start that

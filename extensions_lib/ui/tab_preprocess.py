@@ -6,10 +6,10 @@ import gradio as gr
 from ..errors import AlchemyError
 from ..preprocess.options import PreprocessOptions
 from ..tagger.options import CaptionOptions
-from .context import UIContext
-from .dataset_jobs import PreprocessRequest, preprocess_folder
+from ..jobs.context import UIContext
+from ..jobs.dataset import PreprocessRequest, preprocess_folder
 from .forms import render_options
-from .progress import JobRunner
+from ..jobs.progress import JobRunner
 from .widgets import error_text, interrupt_button, outcome, progress_panel, run_and_report, unsupported_note, watch_js
 
 PANEL = "preprocess"

@@ -5,10 +5,10 @@ import gradio as gr
 
 from ..errors import AlchemyError
 from ..tagger.options import CaptionOptions, TagRunOptions
-from .context import UIContext
-from .dataset_jobs import TagImageRequest, TagRequest, tag_folder, tag_image
+from ..jobs.context import UIContext
+from ..jobs.dataset import TagImageRequest, TagRequest, tag_folder, tag_image
 from .forms import render_options
-from .progress import JobRunner
+from ..jobs.progress import JobRunner
 from .widgets import (error_text, interrupt_button, outcome, progress_panel, refresh_button, run_and_report,
                       unsupported_note, watch_js)
 

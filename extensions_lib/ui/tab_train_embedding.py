@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 from ..embeddings.library import EmbeddingLibrary
-from ..embeddings.options import EmbeddingTrainOptions
-from .context import UIContext
-from .progress import JobRunner
+from ..jobs.context import UIContext
+from ..jobs.progress import JobRunner
+from ..methods.registry import MethodSpec
 from .train_tab import FolderListing, Row, TrainTabSpec, build_train_tab
-from .training_jobs import train_embedding_file
-
-PANEL = "train_embedding"
-
-
-def embedding_train_options_class():
-    """The options class this tab renders (the app uses it to size demo defaults)."""
-    return EmbeddingTrainOptions
 
 
 def embedding_rows(library: EmbeddingLibrary) -> list[Row]:
@@ -26,11 +18,10 @@ def embedding_rows(library: EmbeddingLibrary) -> list[Row]:
     return rows
 
 
-def build_train_embedding(runner: JobRunner, context: UIContext) -> None:
+def build_train_embedding(runner: JobRunner, context: UIContext, method: MethodSpec) -> None:
     """Render the tab's contents into the current gradio Blocks/Tab."""
-    listing = FolderListing(EmbeddingLibrary, context.embeddings_dir, embedding_rows, elem_id=f"alchemy_{PANEL}_list",
+    listing = FolderListing(EmbeddingLibrary, context.embeddings_dir, embedding_rows,
+                            elem_id=f"alchemy_{method.train_panel}_list",
                             empty=f"No embeddings in {context.embeddings_dir} yet: create one in the Create "
                                   "embedding tab.")
-    build_train_tab(runner, context, TrainTabSpec(
-        panel=PANEL, noun="embedding", options_cls=EmbeddingTrainOptions, name_option="embedding_name",
-        job=train_embedding_file, listing=listing))
+    build_train_tab(runner, context, TrainTabSpec.of(method, listing))

@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 from ..hypernetworks.library import HypernetworkLibrary
-from ..hypernetworks.train_options import HypernetworkTrainOptions
-from .context import UIContext
-from .progress import JobRunner
+from ..jobs.context import UIContext
+from ..jobs.progress import JobRunner
+from ..methods.registry import MethodSpec
 from .train_tab import FolderListing, Row, TrainTabSpec, build_train_tab
-from .training_jobs import train_hypernetwork_file
-
-PANEL = "train_hypernetwork"
-
-
-def hypernetwork_train_options_class():
-    """The options class this tab renders (the app uses it to size demo defaults)."""
-    return HypernetworkTrainOptions
 
 
 def hypernetwork_rows(library: HypernetworkLibrary) -> list[Row]:
@@ -21,12 +13,10 @@ def hypernetwork_rows(library: HypernetworkLibrary) -> list[Row]:
     return rows + [(e.name, f"skipped: {e.error}", str(e.path)) for e in library.skipped]
 
 
-def build_train_hypernetwork(runner: JobRunner, context: UIContext) -> None:
+def build_train_hypernetwork(runner: JobRunner, context: UIContext, method: MethodSpec) -> None:
     """Render the tab's contents into the current gradio Blocks/Tab."""
     listing = FolderListing(HypernetworkLibrary, context.hypernetworks_dir, hypernetwork_rows,
-                            elem_id=f"alchemy_{PANEL}_list",
+                            elem_id=f"alchemy_{method.train_panel}_list",
                             empty=f"No hypernetworks in {context.hypernetworks_dir} yet: create one in the Create "
                                   "hypernetwork tab.")
-    build_train_tab(runner, context, TrainTabSpec(
-        panel=PANEL, noun="hypernetwork", options_cls=HypernetworkTrainOptions, name_option="hypernetwork_name",
-        job=train_hypernetwork_file, listing=listing))
+    build_train_tab(runner, context, TrainTabSpec.of(method, listing))

@@ -9,10 +9,10 @@ import gradio as gr
 
 from ..errors import AlchemyError
 from ..sampling.txt2img import GenerationOptions
-from .context import UIContext
+from ..jobs.context import UIContext
 from .forms import render_options
-from .generate_job import NO_HYPERNETWORK, GenerateRequest, Loaders, generate_images
-from .progress import JobRunner
+from ..jobs.generate import NO_HYPERNETWORK, GenerateRequest, Loaders, generate_images
+from ..jobs.progress import JobRunner
 from .widgets import (error_text, interrupt_button, outcome, progress_panel, refresh_button, run_and_report,
                       unsupported_note, watch_js)
 

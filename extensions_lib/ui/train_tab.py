@@ -18,10 +18,10 @@ import gradio as gr
 
 from ..errors import AlchemyError
 from ..options import specs
-from .context import UIContext
+from ..jobs.context import UIContext
 from .forms import render_options
-from .progress import JobRunner
-from .training_jobs import PREVIEW_FIELDS, TrainRequest, with_txt2img_preview
+from ..jobs.progress import JobRunner
+from ..jobs.training import PREVIEW_FIELDS, TrainRequest, with_txt2img_preview
 from .widgets import (error_text, interrupt_button, outcome, progress_panel, refresh_button, run_and_report,
                       unsupported_note, watch_js)
 
@@ -72,6 +72,14 @@ class TrainTabSpec:
     listing: FolderListing
     """The folder the trained files are picked from and written to."""
     make_request: Callable[[Any, UIContext], Any] = TrainRequest
+
+    @classmethod
+    def of(cls, method, listing: FolderListing) -> "TrainTabSpec":
+        """The tab of a registered method (:class:`~extensions_lib.methods.registry.MethodSpec`)."""
+        from ..methods.registry import resolve
+
+        return cls(panel=method.train_panel, noun=method.noun, options_cls=method.train_options,
+                   name_option=method.name_option, job=resolve(method.train_job), listing=listing)
 
 
 def option_spec(cls, name: str):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..errors import AlchemyError
-from .progress import JobProgress, JobRunner, run_job, status_line
+from ..jobs.progress import JobProgress, JobRunner, run_job, status_line
 
 REFRESH_SYMBOL = "\u21bb"  # ↻: an arrow every font has (the WebUI's 🔄 needs an emoji font)
 

@@ -25,7 +25,7 @@ CHROMIUM = os.environ.get("ALCHEMY_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(os.environ.get("ALCHEMY_E2E_ARTIFACTS", Path(__file__).resolve().parents[2] / "outputs" / "e2e"))
-from extensions_lib.ui.progress import MAX_CURVE_POINTS  # noqa: E402
+from extensions_lib.jobs.progress import MAX_CURVE_POINTS  # noqa: E402
 
 EMBEDDING = "alchemycat"
 # Long enough (seconds, even on a fast idle machine) for the once-a-second progress poll to see it advance.
@@ -66,7 +66,7 @@ def make_dataset(folder: Path, n: int = 4) -> Path:
 def app(tmp_path_factory):
     _requirements()
     from extensions_lib.ui.app import ModelHolder, launch, standalone_context
-    from extensions_lib.ui.thread_runner import ThreadJobRunner
+    from extensions_lib.jobs.thread_runner import ThreadJobRunner
     from tagger_models import make_wd14_folder
 
     root = tmp_path_factory.mktemp("e2e")

@@ -294,7 +294,12 @@ def _build_ldm(checkpoint: str | Path) -> LatentDiffusion:
     cond = _text_encoder(loaded.config, state_dict)
     model = LatentDiffusion(loaded.parts["unet"], loaded.parts["vae"], cond, loaded.alphas_cumprod,
                             loaded.config.prediction_type, float(loaded.config.scale_factor))
-    model.requires_grad_(False)
+    # As ldm: only the first stage (VAE) and the text encoder are frozen (instantiate_first_stage, the
+    # embedder's freeze()); the UNet's parameters keep requires_grad=True in the real host (our loader
+    # hands them over frozen).
+    model.model.requires_grad_(True)
+    model.first_stage_model.requires_grad_(False)
+    model.cond_stage_model.requires_grad_(False)
     model.eval()
     family = loaded.config.family
     model.is_sd1, model.is_sd2, model.is_sdxl, model.is_ssd, model.is_sd3 = family == "sd1", family == "sd2", False, False, False

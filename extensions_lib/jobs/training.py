@@ -2,7 +2,9 @@
 
 The work is the methods' own public functions (``embeddings.create.create_embedding``,
 ``embeddings.method.train_embedding``, ``hypernetworks.method.train_hypernetwork``); this module only
-points their options at the host's folders and turns the trainer's progress into the job's.
+points their options at the host's folders and turns the trainer's progress into the job's. Each method's
+registration (:mod:`extensions_lib.methods.registry`) names its jobs here: ``train_job(TrainRequest,
+JobContext)`` and ``create_job(CreateRequest, JobContext | None)``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..embeddings.options import CreateEmbeddingOptions
 from ..errors import AlchemyError
 from ..train.loop import TrainResult
 from ..train.options import resolve_seed
@@ -49,12 +50,14 @@ def with_txt2img_preview(options, values: Sequence[Any]):
 
 
 def for_context(options, context: UIContext):
-    """The options with the host's folders filled in (the ones the tab does not show) and a fixed seed."""
+    """The options with the host's folder filled in (the one the tab does not show: the registered method's
+    ``folder_option``), the log directory resolved and a fixed seed."""
+    from ..methods.registry import for_options
+
     changes: dict[str, Any] = {"log_directory": str(context.resolve_log_directory(options.log_directory))}
-    if hasattr(options, "embeddings_dir"):
-        changes["embeddings_dir"] = str(context.embeddings_dir)
-    if hasattr(options, "hypernetwork_dir"):
-        changes["hypernetwork_dir"] = str(context.hypernetworks_dir)
+    method = for_options(type(options))
+    if method is not None and method.folder_option is not None:
+        changes[method.folder_option] = str(context.folder(method.folder))
     return resolve_seed(dataclasses.replace(options, **changes))
 
 
@@ -73,12 +76,13 @@ def describe_training(result: TrainResult, noun: str, name: str) -> str:
 # ---- embeddings ----------------------------------------------------------------------------------------
 
 @dataclass
-class CreateEmbeddingRequest:
-    options: CreateEmbeddingOptions
+class CreateRequest:
+    options: Any
+    """The method's ``create_options``."""
     context: UIContext
 
 
-def create_embedding_file(request: CreateEmbeddingRequest, job: JobContext) -> Path:
+def create_embedding_file(request: CreateRequest, job: JobContext) -> Path:
     """Write a new embedding into the embeddings folder (needs the model: its token vectors seed it)."""
     from ..embeddings.create import create_embedding
 
@@ -111,6 +115,15 @@ def train_embedding_file(request: TrainRequest, job: JobContext) -> TrainResult:
 
 
 # ---- hypernetworks --------------------------------------------------------------------------------------
+
+def create_hypernetwork_file(request: CreateRequest, job: JobContext | None = None) -> Path:
+    """Write a new, untrained hypernetwork into the hypernetworks folder (instant: no model, no job needed)."""
+    from ..hypernetworks.create import create_hypernetwork
+
+    path = create_hypernetwork(request.options, request.context.hypernetworks_dir)
+    request.context.files_changed("hypernetworks")
+    return path
+
 
 def train_hypernetwork_file(request: TrainRequest, job: JobContext) -> TrainResult:
     from ..hypernetworks.method import train_hypernetwork

@@ -3,7 +3,7 @@
 A job is a function ``job_fn(options, job: JobContext) -> result``. It reports through its
 :class:`JobContext` (``update``, ``set_preview``, ``train_callback`` for the trainer core's
 ``Progress``, ``counter`` for ``(done, total)`` callbacks) and stops when ``job.cancel.is_set()``.
-A :class:`JobRunner` runs it: :class:`~extensions_lib.ui.thread_runner.ThreadJobRunner` on its own,
+A :class:`JobRunner` runs it: :class:`~extensions_lib.jobs.thread_runner.ThreadJobRunner` on its own,
 the WebUI glue's runner over the host's GPU queue and ``shared.state`` inside the WebUI. Both keep
 the numbers in a :class:`ProgressBoard`, so the JSON the browser polls (:func:`progress_payload`) is the
 same everywhere.

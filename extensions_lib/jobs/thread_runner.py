@@ -1,8 +1,8 @@
-"""The standalone :class:`~extensions_lib.ui.progress.JobRunner`: one job at a time on a background thread.
+"""The standalone :class:`~extensions_lib.jobs.progress.JobRunner`: one job at a time on a background thread.
 
 Used by ``alchemy ui`` (and by tests). Inside the WebUI the glue provides a runner over the host's GPU
 queue instead (:class:`~extensions_lib.host.jobs.HostJobRunner`), with the same interface; what both do
-alike is :class:`BackgroundJobRunner`, here because the host runner may import the UI core but not the
+alike is :class:`BackgroundJobRunner`, here because the host runner may import the jobs package but not the
 other way round.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The tagger and preprocessing jobs behind the dataset tabs (and the WebUI API: same processing).
 
-Each job is ``fn(request, job)`` for a :class:`~extensions_lib.ui.progress.JobRunner`; the request
+Each job is ``fn(request, job)`` for a :class:`~extensions_lib.jobs.progress.JobRunner`; the request
 dataclass holds the options instances and folders, the processing itself is the tagger's and the
 preprocessor's public functions.
 """

@@ -1,7 +1,7 @@
 """The HTTP routes ``javascript/alchemy.js`` polls: the current job's progress and its latest preview.
 
 ``alchemy ui`` adds them to its own server; inside the WebUI the glue adds them in ``on_app_started``.
-Both serve the same :func:`~extensions_lib.ui.progress.progress_payload`.
+Both serve the same :func:`~extensions_lib.jobs.progress.progress_payload`.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ class UIContext:
     model: returns the loaded :class:`~extensions_lib.adapter.ModelAdapter`; raises AlchemyError naming
         the fix when there is none (or when it changed under a running job, for hosts that can tell).
     embeddings_dir / hypernetworks_dir: where created and trained files go (and are listed from).
+    folders: other output folder kinds a registered method writes to ({kind: folder}; see :meth:`folder`).
     log_root: a relative "Log directory" of the train tabs is taken relative to this folder (the WebUI's
         data folder; runs are then logged in ``<log_root>/textual_inversion/<date>/<name>/``).
     tagger_models_dir: one sub-folder per tagger model (``models/tagger`` in the WebUI).
@@ -53,6 +54,7 @@ class UIContext:
     templates_dir: Path | None = None
     preview_params: Sequence[Any] | None = None
     files_changed: Callable[[str], None] = _ignore
+    folders: Mapping[str, Path] = field(default_factory=dict)
     unsupported: Mapping[str, str] = field(default_factory=dict)
     defaults: Mapping[type, Any] = field(default_factory=dict)
     tagger_slot: Any = None
@@ -65,6 +67,14 @@ class UIContext:
         for name in ("cache_dir", "templates_dir"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(os.path.expanduser(os.fspath(getattr(self, name)))))
+
+    def folder(self, kind: str) -> Path:
+        """The output folder of a kind a method registers (``MethodSpec.folder``): "embeddings",
+        "hypernetworks", or one given in ``folders``."""
+        known = {"embeddings": self.embeddings_dir, "hypernetworks": self.hypernetworks_dir, **self.folders}
+        if kind not in known:
+            raise AlchemyError(f"this host has no {kind} folder", fix=f"give the UIContext folders={{{kind!r}: ...}}")
+        return Path(os.path.expanduser(os.fspath(known[kind])))
 
     def defaults_for(self, cls) -> Any:
         """The pre-filled values for options class `cls` (its own defaults when the host gives none)."""
