@@ -129,7 +129,11 @@ def run_train(args: argparse.Namespace) -> int:
     opts = training_options(EmbeddingTrainOptions, args)
     ckpt = require_checkpoint(command.ckpt)
     check_schedules(opts)  # before the slow model load
-    adapter = load_model(ckpt, device=device_name(command.device))
+    if opts.low_memory:
+        from ..train.low_memory import load_low_memory
+        adapter = load_low_memory(ckpt, device=device_name(command.device))
+    else:
+        adapter = load_model(ckpt, device=device_name(command.device))
     with TrainingSession(adapter, opts) as session:
         with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
             def encoded(done: int, total: int) -> None:

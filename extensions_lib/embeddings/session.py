@@ -15,6 +15,7 @@ from typing import Callable
 from torch import nn
 
 from ..train.loop import TrainResult, train
+from ..train.low_memory import low_memory_layers
 from .cpu_memory import keeping_freed_memory, release_free_memory
 from .lean_backward import lean_backward
 from .method import TextualInversion, prepare
@@ -119,7 +120,8 @@ class TrainingSession:
         # CPU only for now: the lean layers' backward under CUDA autocast has not been run on a GPU yet.
         lean = lean_backward(unet) if unet is not None and on_cpu else contextlib.nullcontext()
         try:
-            with lean, keeping_freed_memory() if on_cpu else contextlib.nullcontext():
+            with low_memory_layers(self.adapter, self.options.low_memory), lean, \
+                    keeping_freed_memory() if on_cpu else contextlib.nullcontext():
                 return train(method, self.options, callbacks, cancel)
         finally:
             method.away = None

@@ -30,41 +30,45 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.input_dtype = x.dtype
+        return F.linear(x.to(COMPUTE), weight.to(COMPUTE), None if bias is None else bias.to(COMPUTE))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None, None
+        return (grad.to(COMPUTE) @ weight.to(COMPUTE)).to(ctx.input_dtype), None, None
 
 
 class _UpcastConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        ctx.conv, ctx.input_shape = conv, x.shape      # the input is not needed for the input's gradient
-        bias = None if conv.bias is None else conv.bias.to(x.dtype)
-        return conv._conv_forward(x, conv.weight.to(x.dtype), bias)
+        ctx.conv, ctx.input_shape, ctx.input_dtype = conv, x.shape, x.dtype   # the input itself is not needed
+        bias = None if conv.bias is None else conv.bias.to(COMPUTE)
+        return conv._conv_forward(x.to(COMPUTE), conv.weight.to(COMPUTE), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        conv = ctx.conv
+        conv, grad = ctx.conv, grad.to(COMPUTE)
         grad_input = torch.ops.aten.convolution_backward(
-            grad, grad.new_empty(ctx.input_shape), conv.weight.to(grad.dtype), None, list(conv.stride),
+            grad, grad.new_empty(ctx.input_shape), conv.weight.to(COMPUTE), None, list(conv.stride),
             list(conv.padding), list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
             [True, False, False])[0]
-        return grad_input, None
+        return grad_input.to(ctx.input_dtype), None
 
 
+# Older diffusers cast some inputs to the model's dtype, i.e. its first weight's (float16 here): the layers
+# compute in float32 whatever comes in, which loses nothing.
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _UpcastLinear.apply(x, self.weight, self.bias)
-    return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    return F.linear(x.to(COMPUTE), self.weight.to(COMPUTE), None if self.bias is None else self.bias.to(COMPUTE))
 
 
 def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad and self.padding_mode == "zeros":
         return _UpcastConv.apply(x, self)
-    return self._conv_forward(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    bias = None if self.bias is None else self.bias.to(COMPUTE)
+    return self._conv_forward(x.to(COMPUTE), self.weight.to(COMPUTE), bias)
 
 
 _FORWARDS = {nn.Linear: _linear_forward, nn.Conv2d: _conv_forward}
@@ -128,3 +132,15 @@ def load_low_memory(path: str | os.PathLike, device: str | torch.device = "cpu",
                 install_upcast(layer)
     model.compute_dtype = COMPUTE
     return model
+
+
+@contextlib.contextmanager
+def low_memory_layers(adapter, enabled: bool) -> Iterator[None]:
+    """:func:`half_stored_layers` (exact) over the adapter's UNet and text encoders when `enabled`; a model
+    loaded by :func:`load_low_memory` is in that form already and stays as it is."""
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            for name, module in adapter.modules().items():
+                if name != "vae":
+                    stack.enter_context(half_stored_layers(module))
+        yield
