@@ -118,3 +118,27 @@ def test_low_memory_training_learns_like_float32_training(fp16_checkpoint, tmp_p
         # Adam at this rate magnifies rounding-order differences; the runs must still agree to 2% of the move
         moved = (results["float32"] - start).norm()
         assert (results[mode] - results["float32"]).norm() <= 0.02 * moved, mode
+
+
+def test_cli_low_memory_flag_loads_half_stored_and_trains(fp16_checkpoint, tmp_path, monkeypatch):
+    from extensions_lib.cli import main
+    from extensions_lib.train import low_memory
+
+    from test_embeddings_cli import NAME as CLI_NAME, train_args
+
+    loaded = []
+    real = low_memory.load_low_memory
+
+    def spy(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(low_memory, "load_low_memory", spy)
+    make_dataset(tmp_path / "data", 2)
+    assert main(["embedding", "create", "--ckpt", str(fp16_checkpoint), "--name", CLI_NAME, "--embeddings-dir",
+                 str(tmp_path / "emb")]) == 0
+    start = read_embedding(tmp_path / "emb" / f"{CLI_NAME}.pt").vectors
+    assert main(train_args(fp16_checkpoint, tmp_path, "emb", "logs", "--steps", "2", "--low-memory")) == 0
+    assert len(loaded) == 1 and loaded[0].unet.time_embedding.linear_1.weight.dtype == torch.float16
+    trained = read_embedding(tmp_path / "emb" / f"{CLI_NAME}.pt")
+    assert trained.step == 2 and not torch.equal(trained.vectors, start)

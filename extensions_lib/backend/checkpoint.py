@@ -1,12 +1,12 @@
 """Read WebUI single-file checkpoints safely and tell what model they hold.
 
-- :func:`open_checkpoint`: ``.safetensors`` tensor by tensor (``safe_open``), ``.ckpt``/``.pt`` through the
+- :func:`open_checkpoint`: ``.safetensors`` tensor by tensor (plain reads, no memory map), ``.ckpt``/``.pt`` through the
   restricted unpickler (weights optionally wrapped in ``{"state_dict": ...}``). The format is sniffed from
   the first bytes, not trusted from the suffix.
 - :func:`detect`: family from the tensors as the WebUI does (text-encoder layout, context width, UNet input
   channels), overridden by a ``<checkpoint>.yaml`` beside the file.
 - :func:`probe_is_v`: the WebUI's v-prediction test for SD2 (one UNet forward, see the function).
-- :func:`short_hash`: the WebUI's short hash, sha256 of the whole file, first 10 hex digits.
+- :func:`short_hash`: the WebUI's short hash, sha256 of the whole file, first 10 hex digits (cached).
 
 Every problem a user can fix raises :class:`~extensions_lib.errors.AlchemyError` naming the file.
 """
