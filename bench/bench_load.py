@@ -206,12 +206,12 @@ def require_accelerate(extra_path: str | None) -> None:
                          f"Install it beside the venv with:\n  {INSTALL_DEPS}\nthen rerun this command.")
 
 
-def run_child(which: str, ckpt: Path, config_folder: Path, extra_path: str | None, dtype: str = "float32") -> dict:
-    env = child_env(extra_path)
-    out = subprocess.run([sys.executable, __file__, "--child", which, str(ckpt), str(config_folder), dtype],
-                         capture_output=True, text=True, env=env, check=False)
+def run_child(script: str, child_args: list[str], env: dict) -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter; its last stdout line is the JSON result."""
+    out = subprocess.run([sys.executable, script, "--child", *child_args], capture_output=True, text=True, env=env,
+                         check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{which} child failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{child_args[0]} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -244,7 +244,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {"ours": [], "diffusers": []}
         for i in range(args.runs):
             for which in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
-                r = run_child(which, ckpt, folder, args.extra_path, args.dtype)
+                r = run_child(__file__, [which, str(ckpt), str(folder), args.dtype], child_env(args.extra_path))
                 results[which].append(r)
                 print(f"run {i + 1} {which:9s}: {r['seconds']:6.2f}s ({r['load_seconds']:.2f}s before the first "
                       f"read of the weights), peak RSS above baseline "

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_load import BENCH_DEPS, child_env, require_accelerate, write_diffusers_config_folder, \
+from bench_load import BENCH_DEPS, child_env, require_accelerate, run_child, write_diffusers_config_folder, \
     write_random_checkpoint  # noqa: E402
 
 PROMPT, SIZE, STEPS, CFG, SEED = "a photo of a cat", 256, 10, 7.0, 1234
@@ -83,16 +82,6 @@ def child(which: str, ckpt: str, folder: str, out_dir: str) -> None:
                       "after_load": marks["done"] - marks["loaded"]}))
 
 
-def run_child(which: str, ckpt: Path, folder: Path, extra_path: str | None, cache: Path) -> dict:
-    env = dict(child_env(extra_path), ALCHEMY_CACHE_DIR=str(cache))
-    with tempfile.TemporaryDirectory() as out_dir:
-        out = subprocess.run([sys.executable, __file__, "--child", which, str(ckpt), str(folder), out_dir],
-                             capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{which} child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2, help="runs per side (median of their step medians)")
@@ -117,7 +106,9 @@ def main() -> None:
         results: dict[str, list[dict]] = {"ours": [], "diffusers": []}
         for i in range(args.runs):
             for which in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
-                r = run_child(which, ckpt, folder, args.extra_path, cache)
+                with tempfile.TemporaryDirectory() as out_dir:
+                    r = run_child(__file__, [which, str(ckpt), str(folder), out_dir],
+                                  dict(child_env(args.extra_path), ALCHEMY_CACHE_DIR=str(cache)))
                 results[which].append(r)
                 print(f"run {i + 1} {which:9s}: {r['step']:.3f} s/it (median of {r['calls'] - 1} gaps), "
                       f"{r['after_load']:.1f} s after load, {r['threads']} threads")
