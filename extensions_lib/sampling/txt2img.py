@@ -7,7 +7,6 @@ Noise follows the WebUI with the "CPU" RNG source: image i of a batch draws from
 """
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -17,7 +16,6 @@ import torch
 from PIL import Image
 
 from ..adapter import ModelAdapter
-from ..embeddings.cpu_memory import keeping_freed_memory
 from ..errors import AlchemyError
 from ..options import option
 from .denoiser import Denoiser, guided
@@ -140,9 +138,7 @@ def sample_latents(adapter: ModelAdapter, spec: SamplerSpec, cond: torch.Tensor,
     batch = x.shape[0]
     model_fn = guided(Denoiser(adapter), cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1), cfg_scale)
     extra = {"noise_fn": noise} if spec.stochastic else {}
-    # On the CPU every UNet call allocates and frees the same large activations: without a pad glibc hands
-    # them back to the system each time and the next step page-faults them in again (a fifth of a step).
-    with adapter.use("unet"), keeping_freed_memory() if x.device.type == "cpu" else contextlib.nullcontext():
+    with adapter.use("unet"):
         return spec.sample(model_fn, x, sigmas, callback=callback, **extra)
 
 
