@@ -6,10 +6,12 @@ subprocesses, alternating, measures:
 
 (a) our peak RSS above the interpreter's (after imports; the kernel's peak counter is reset there through
     /proc/self/clear_refs, else ``ru_maxrss`` is used) against the size of the loaded weights
-    (target <= 1.1x); every weight is read once after loading (safetensors tensors may be lazily
-    memory-mapped, which would otherwise hide their cost);
+    (target <= 1.1x), and the RSS held once the load is done (target <= 1.02x: nothing of the file kept);
+    every weight is read once after loading (safetensors tensors may be lazily memory-mapped, which would
+    otherwise hide their cost);
 (b) our load time against ``StableDiffusionPipeline.from_single_file(..., config=<folder>,
-    torch_dtype=float16, local_files_only=True)`` (target ours <= 1.2x theirs). Both load fp16 on the CPU.
+    torch_dtype=DTYPE, local_files_only=True)`` (target ours <= 1.2x theirs). DTYPE is float32 by default,
+    what ``alchemy`` loads on the CPU (the fp16 file converted); ``--dtype float16`` loads it as stored.
 
 Prints medians over the runs and the command to rerun. diffusers needs ``accelerate`` for its fair (meta-device)
 loading path; install it once beside .venv (see bench/requirements.txt), then run the bench alone:
@@ -149,7 +151,7 @@ def _weight_bytes(modules) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
-def child(which: str, ckpt: str, config_folder: str) -> None:
+def child(which: str, ckpt: str, config_folder: str, dtype_name: str = "float32") -> None:
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel  # noqa: F401
@@ -157,14 +159,15 @@ def child(which: str, ckpt: str, config_folder: str) -> None:
     from extensions_lib.backend import standalone  # noqa: F401
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    dtype = getattr(torch, dtype_name)
     exact = _reset_peak_rss()
     baseline = _rss_bytes("VmRSS" if exact else "VmHWM")
     start = time.perf_counter()
     if which == "ours":
-        model = standalone.load_model(ckpt, dtype=torch.float16)
+        model = standalone.load_model(ckpt, dtype=dtype)
         modules = [model.unet, model.vae, model.text_encoder]
     else:
-        pipe = StableDiffusionPipeline.from_single_file(ckpt, config=config_folder, torch_dtype=torch.float16,
+        pipe = StableDiffusionPipeline.from_single_file(ckpt, config=config_folder, torch_dtype=dtype,
                                                         local_files_only=True)
         modules = [pipe.unet, pipe.vae, pipe.text_encoder]
     loaded = time.perf_counter() - start
@@ -181,6 +184,7 @@ def child(which: str, ckpt: str, config_folder: str) -> None:
     except ImportError:
         has_accelerate = False
     print(json.dumps({"seconds": seconds, "load_seconds": loaded, "baseline": baseline, "peak": _rss_bytes("VmHWM"),
+                      "after": _rss_bytes("VmRSS"),
                       "weights": _weight_bytes(modules), "dtype": str(modules[0].dtype),
                       "accelerate": has_accelerate}))
 
@@ -202,12 +206,12 @@ def require_accelerate(extra_path: str | None) -> None:
                          f"Install it beside the venv with:\n  {INSTALL_DEPS}\nthen rerun this command.")
 
 
-def run_child(which: str, ckpt: Path, config_folder: Path, extra_path: str | None) -> dict:
-    env = child_env(extra_path)
-    out = subprocess.run([sys.executable, __file__, "--child", which, str(ckpt), str(config_folder)],
-                         capture_output=True, text=True, env=env, check=False)
+def run_child(script: str, child_args: list[str], env: dict) -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter; its last stdout line is the JSON result."""
+    out = subprocess.run([sys.executable, script, "--child", *child_args], capture_output=True, text=True, env=env,
+                         check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{which} child failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{child_args[0]} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -218,7 +222,9 @@ def main() -> None:
     parser.add_argument("--extra-path", default=str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None,
                         help="prepended to PYTHONPATH of the children: the folder holding accelerate "
                              f"(default: {BENCH_DEPS} when it exists)")
-    parser.add_argument("--child", nargs=3, metavar=("WHICH", "CKPT", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="dtype both loaders produce (default float32, what alchemy uses on the CPU)")
+    parser.add_argument("--child", nargs=4, metavar=("WHICH", "CKPT", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -238,7 +244,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {"ours": [], "diffusers": []}
         for i in range(args.runs):
             for which in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
-                r = run_child(which, ckpt, folder, args.extra_path)
+                r = run_child(__file__, [which, str(ckpt), str(folder), args.dtype], child_env(args.extra_path))
                 results[which].append(r)
                 print(f"run {i + 1} {which:9s}: {r['seconds']:6.2f}s ({r['load_seconds']:.2f}s before the first "
                       f"read of the weights), peak RSS above baseline "
@@ -254,6 +260,8 @@ def main() -> None:
     print()
     print(f"{'':34s}{'ours':>10s}{'diffusers':>12s}")
     print(f"{'peak RSS / loaded weights (median)':34s}{ours_mem:10.3f}{theirs_mem:12.3f}   target ours <= 1.10")
+    print(f"{'RSS after / loaded weights (med.)':34s}{med('ours', lambda r: (r['after'] - r['baseline']) / r['weights']):10.3f}"
+          f"{med('diffusers', lambda r: (r['after'] - r['baseline']) / r['weights']):12.3f}   target ours <= 1.02")
     print(f"{'load + read weights, s (median)':34s}{ours_t:10.2f}{theirs_t:12.2f}")
     print(f"{'  of which load call, s (median)':34s}{med('ours', lambda r: r['load_seconds']):10.2f}"
           f"{med('diffusers', lambda r: r['load_seconds']):12.2f}")
@@ -261,7 +269,7 @@ def main() -> None:
     print(f"diffusers had accelerate: {results['diffusers'][0]['accelerate']}")
     print("rerun: flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_load.py"
           + (f" --extra-path {args.extra_path}" if args.extra_path and Path(args.extra_path) != BENCH_DEPS else "")
-          + (f" --runs {args.runs}" if args.runs != 3 else ""))
+          + (f" --runs {args.runs}" if args.runs != 3 else "") + (f" --dtype {args.dtype}" if args.dtype != "float32" else ""))
 
 
 if __name__ == "__main__":

@@ -1,27 +1,38 @@
-"""Textual-inversion training step: ours against the diffusers example's, on a full-size SD1.5-architecture
-model with random weights, 256x256, batch 1, CPU, float32.
+"""Textual-inversion training, end to end: ours against the diffusers example's, on a full-size
+SD1.5-architecture model with random weights read from a file, 256x256, batch 1, CPU, float32.
 
-- ours: ``alchemy embedding train`` as it runs: :class:`~extensions_lib.embeddings.method.TrainingSession`
-  and the trainer core's ``train()`` loop. What makes it cheaper: latents cached once per image; only
-  the embedding's vectors trainable (no gradient, AdamW state or saved copy of the 49408-row matrix);
-  the VAE and the unused token-embedding rows out of memory while training; frozen convolutions and
-  GEGLUs saving less for backward; glibc keeping freed memory for the next step (``M_TOP_PAD``; see
-  ``--theirs-malloc`` for how much of the time that alone is worth). Step time is measured between the
-  loop's per-step progress callbacks, so everything the loop does counts.
-- theirs: a faithful re-implementation of one step of diffusers' ``examples/textual_inversion/
-  textual_inversion.py`` (defaults, no mixed precision): a placeholder token added to the tokenizer and
-  the embedding matrix resized; the whole token-embedding matrix handed to AdamW (weight decay 1e-2);
-  every step loads and preprocesses the image, VAE-encodes it, encodes the prompt, runs the UNet,
-  back-propagates, steps the optimizer and restores every row but the new token's from a saved copy.
+The model file is a 2 GB fp16 LDM ``.safetensors`` (written by bench_load.py's writer into a temporary folder
+and deleted afterwards), as users have; the diffusers example reads a diffusers folder, so that is written
+from it once too (float32 ``safetensors``, what ``save_pretrained`` makes).
 
-Each side runs in its own subprocess (peak resident memory is per process), several rounds alternating
-theirs/ours so load from other processes on the machine hits both alike. Reported: median step time and
-peak RSS per side and their ratios (ours / theirs). Targets: time <= 0.7, peak RSS <= 0.8.
+- ours: what ``alchemy embedding train`` runs: ``load_model`` from the file, then
+  :class:`~extensions_lib.embeddings.session.TrainingSession` and the trainer core's ``train()`` loop. What
+  makes it cheaper: latents cached once per image; only the embedding's vectors trainable (no gradient,
+  AdamW state or saved copy of the 49408-row matrix); the VAE and the unused token-embedding rows out of
+  memory while training; frozen convolutions and GEGLUs saving less for backward; glibc keeping freed memory
+  for the next step (``M_TOP_PAD``; see ``--theirs-malloc``). Step time is measured between the loop's
+  per-step progress callbacks, so everything the loop does counts. The load's own peak and the memory held
+  after it are reported against the size of the loaded weights.
+- ours-low: the same with ``--low-memory`` (``load_low_memory``: frozen layer weights kept in float16 as the
+  file has them, computed in float32 layer by layer).
+- theirs: a faithful re-implementation of diffusers' ``examples/textual_inversion/textual_inversion.py``
+  (defaults, no mixed precision): the models loaded with ``from_pretrained`` from the diffusers folder, a
+  placeholder token added to the tokenizer and the embedding matrix resized; the whole token-embedding
+  matrix handed to AdamW (weight decay 1e-2); every step loads and preprocesses the image, VAE-encodes it,
+  encodes the prompt, runs the UNet, back-propagates, steps the optimizer and restores every row but the
+  new token's from a saved copy.
 
+Each side runs in its own subprocess (peak resident memory is per process), several rounds alternating so
+load from other processes on the machine hits all alike. Reported: median step time and peak RSS per side
+and their ratios to theirs. Targets: defaults time <= 0.6, peak RSS <= 0.8; low memory time <= 0.7, peak
+RSS <= 0.6; our load's peak <= 1.1x and RSS after it <= 1.02x the loaded weights.
+
+    .venv/bin/pip install --no-deps --target .cache/bench-deps -r bench/requirements.txt   # accelerate, once
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_textual_inversion.py
 
-``--model tiny`` runs the same comparison on the tiny test model in seconds (a check of the script only).
-``--theirs-malloc`` adds a third side: theirs with the same glibc setting as ours, for reference.
+``--source built`` is the former stand-in: both sides build the modules in memory instead of loading a
+file (training only). ``--model tiny`` runs the comparison on the tiny test model in seconds (a check of the
+script only). ``--theirs-malloc`` adds theirs with the same glibc setting as ours, for reference.
 """
 from __future__ import annotations
 
@@ -39,9 +50,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TIME_TARGET = 0.7
-RSS_TARGET = 0.8
+TARGETS = {"ours": (0.6, 0.8), "ours-low": (0.7, 0.6)}     # (step time, peak RSS) as ratios to theirs
+LOAD_PEAK_TARGET, LOAD_AFTER_TARGET = 1.1, 1.02
 PROMPT_TEMPLATE = "a photo of [name]"
 TOKEN = "benchtoken"
 
@@ -99,7 +111,34 @@ def write_dataset(folder: Path, size: int, count: int) -> list[Path]:
 
 # ---- ours ---------------------------------------------------------------------------------------------------
 
-def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: Path) -> dict:
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
+
+
+def load_ours(ckpt: Path, low_memory: bool) -> tuple[object, dict]:
+    """The model as the CLI loads it, with the load's own memory: peak and after, above the RSS before it."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (imports out of the measurement)
+    from transformers import CLIPTextModel  # noqa: F401
+
+    from extensions_lib.backend.standalone import load_model
+    from extensions_lib.train.low_memory import load_low_memory
+
+    torch.ones(8) @ torch.ones(8)
+    before_peak = _status_bytes("VmHWM")
+    with open("/proc/self/clear_refs", "w") as fh:      # restart the peak counter: the load's own peak
+        fh.write("5")
+    baseline = _status_bytes("VmRSS")
+    adapter = load_low_memory(ckpt) if low_memory else load_model(ckpt)
+    tensors = [t for m in adapter.modules().values() for t in [*m.parameters(), *m.buffers()]]
+    load = {"load_peak": _status_bytes("VmHWM") - baseline, "load_after": _status_bytes("VmRSS") - baseline,
+            "weights": sum(t.numel() * t.element_size() for t in tensors), "before_peak": before_peak}
+    return adapter, load
+
+
+def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: Path, ckpt: Path | None = None,
+             low_memory: bool = False) -> dict:
     import torch
 
     from extensions_lib.backend.configs import alphas_cumprod_from_schedule
@@ -108,10 +147,14 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
     from extensions_lib.embeddings.session import train_embedding
     from extensions_lib.embeddings.options import EmbeddingTrainOptions
 
-    config, parts = build_parts(model)
-    adapter = StandaloneModel(path=work / f"random-{model}.safetensors", config=config, parts=parts,
-                              alphas_cumprod=alphas_cumprod_from_schedule(config.scheduler).float(),
-                              device=torch.device("cpu"))
+    if ckpt is not None:
+        adapter, load = load_ours(ckpt, low_memory)
+    else:
+        config, parts = build_parts(model)
+        adapter = StandaloneModel(path=work / f"random-{model}.safetensors", config=config, parts=parts,
+                                  alphas_cumprod=alphas_cumprod_from_schedule(config.scheduler).float(),
+                                  device=torch.device("cpu"))
+        load = {}
     built_rss = current_rss_bytes()
     write_dataset(work / "data", size, images)
     (work / "template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
@@ -121,17 +164,32 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
         template_file=str(work / "template.txt"), training_width=size, training_height=size,
         steps=warmup + steps, seed=0, learn_rate="0.005", save_every=0, create_image_every=0,
         write_csv_every=0, save_resume_state=False, save_training_settings=False,
-        log_directory=str(work / "logs"))
+        log_directory=str(work / "logs"), low_memory=low_memory)
     marks: list[float] = []
     train_embedding(adapter, options, callbacks=lambda p: marks.append(time.perf_counter()) if p.loss is not None
                     and p.saved is None else None)
     times = [b - a for a, b in zip(marks, marks[1:])][max(0, warmup - 1):]
-    return {"step_times": times, "peak_rss": peak_rss_bytes(), "built_rss": built_rss}
+    peak = max(_status_bytes("VmHWM"), load.pop("before_peak", 0)) if load else peak_rss_bytes()
+    return {"step_times": times, "peak_rss": peak, "built_rss": built_rss, **load}
 
 
 # ---- theirs: the diffusers textual-inversion example's step --------------------------------------------------
 
-def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work: Path,
+def load_theirs(folder: Path):
+    """The example's loading: each model ``from_pretrained`` its subfolder (float32, as saved)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from extensions_lib.backend.configs import load_config
+
+    parts = {"text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+             "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+             "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet")}
+    config = load_config("sd1")
+    return config, parts
+
+
+def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work: Path, folder: Path | None = None,
                keep_freed_memory: bool = False) -> dict:
     import numpy as np
     import torch
@@ -141,7 +199,7 @@ def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work
 
     from extensions_lib.backend.tokenizer import make_tokenizer
 
-    config, parts = build_parts(model)
+    config, parts = load_theirs(folder) if folder is not None else build_parts(model)
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     built_rss = current_rss_bytes()
     paths = write_dataset(work / "data", size, images)
@@ -215,19 +273,43 @@ def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work
 # ---- driver -----------------------------------------------------------------------------------------------------
 
 def run_side(args) -> None:
+    files = Path(args.files) if args.files else None
     with tempfile.TemporaryDirectory(prefix=f"alchemy-bench-ti-{args.side}-") as tmp:
         sizes = (args.model, args.size, args.images, args.warmup, args.steps, Path(tmp))
-        if args.side == "ours":
-            result = run_ours(*sizes)
+        if args.side in ("ours", "ours-low"):
+            result = run_ours(*sizes, ckpt=files / "model.safetensors" if files else None,
+                              low_memory=args.side == "ours-low")
         else:
-            result = run_theirs(*sizes, keep_freed_memory=args.side == "theirs-malloc")
+            result = run_theirs(*sizes, folder=files / "diffusers" if files else None,
+                                keep_freed_memory=args.side == "theirs-malloc")
     print(json.dumps(result))
 
 
-def spawn(side: str, args) -> dict:
+def write_files(model: str, folder: Path) -> None:
+    """The model file (random weights, fp16, LDM layout) and the diffusers folder the example reads."""
+    from bench_load import write_random_checkpoint
+
+    from extensions_lib.backend.standalone import load_model
+    from extensions_lib.backend.tiny import make_tiny_checkpoint
+
+    ckpt = folder / "model.safetensors"
+    if model == "tiny":
+        make_tiny_checkpoint(ckpt)
+    else:
+        write_random_checkpoint(ckpt)
+    loaded = load_model(ckpt)
+    for name, module in loaded.modules().items():
+        module.save_pretrained(folder / "diffusers" / name, safe_serialization=True)
+
+
+def spawn(side: str, args, files: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--size", str(args.size),
            "--images", str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    cmd += ["--files", str(files)] if files else []
+    from bench_load import BENCH_DEPS, child_env
+
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                         env=child_env(str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None))
     if out.returncode != 0:
         raise SystemExit(f"{side} run failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -236,42 +318,66 @@ def spawn(side: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["full", "tiny"], default="full")
+    parser.add_argument("--source", choices=["file", "built"], default="file",
+                        help="file: both sides load the model from files (end to end); built: both build it in "
+                             "memory (the former stand-in, training only)")
     parser.add_argument("--size", type=int, default=256, help="training images are SIZE x SIZE")
     parser.add_argument("--images", type=int, default=2, help="dataset images")
     parser.add_argument("--warmup", type=int, default=1, help="steps not timed in each run")
     parser.add_argument("--steps", type=int, default=4, help="timed steps in each run")
     parser.add_argument("--rounds", type=int, default=2, help="subprocess runs per side, alternating")
+    parser.add_argument("--no-low-memory", action="store_true", help="leave out the --low-memory side")
     parser.add_argument("--theirs-malloc", action="store_true",
                         help="also time theirs with ours' glibc setting (M_TOP_PAD), for reference")
-    parser.add_argument("--side", choices=["ours", "theirs", "theirs-malloc"], help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", default=None, help="folder for the model files (default: system temp)")
+    parser.add_argument("--side", choices=["ours", "ours-low", "theirs", "theirs-malloc"], help=argparse.SUPPRESS)
+    parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         run_side(args)
         return
 
-    sides = ["theirs", "ours"] + (["theirs-malloc"] if args.theirs_malloc else [])
+    if args.source == "file":
+        from bench_load import BENCH_DEPS, require_accelerate
+
+        require_accelerate(str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None)   # from_pretrained's fair path
+    sides = ["theirs", "ours"] + ([] if args.no_low_memory else ["ours-low"]) + \
+        (["theirs-malloc"] if args.theirs_malloc else [])
     results: dict[str, list[dict]] = {side: [] for side in sides}
-    for i in range(args.rounds):
-        for side in (sides if i % 2 == 0 else sides[::-1]):
-            res = spawn(side, args)
-            results[side].append(res)
-            print(f"round {i + 1} {side:13s}: median step {statistics.median(res['step_times']):.3f}s "
-                  f"({', '.join(f'{t:.2f}' for t in res['step_times'])}), peak RSS {res['peak_rss'] / 2**30:.2f} GiB "
-                  f"(after model build {res['built_rss'] / 2**30:.2f} GiB)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="alchemy-bench-ti-files-", dir=args.tmp) as tmp:
+        files = None
+        if args.source == "file":
+            files = Path(tmp)
+            started = time.perf_counter()
+            write_files(args.model, files)
+            print(f"wrote the model file and the diffusers folder in {time.perf_counter() - started:.0f}s", flush=True)
+        for i in range(args.rounds):
+            for side in (sides if i % 2 == 0 else sides[::-1]):
+                res = spawn(side, args, files)
+                results[side].append(res)
+                load = (f", load: peak {res['load_peak'] / res['weights']:.3f}x / after {res['load_after'] / res['weights']:.3f}x "
+                        f"the {res['weights'] / 2**30:.2f} GiB loaded" if "load_peak" in res else "")
+                print(f"round {i + 1} {side:13s}: median step {statistics.median(res['step_times']):.3f}s "
+                      f"({', '.join(f'{t:.2f}' for t in res['step_times'])}), peak RSS {res['peak_rss'] / 2**30:.2f} GiB "
+                      f"(after model build {res['built_rss'] / 2**30:.2f} GiB){load}", flush=True)
     step = {s: statistics.median([t for r in rs for t in r["step_times"]]) for s, rs in results.items()}
     rss = {s: statistics.median([r["peak_rss"] for r in rs]) for s, rs in results.items()}
-    time_ratio, rss_ratio = step["ours"] / step["theirs"], rss["ours"] / rss["theirs"]
     print(f"\n{args.model} SD1.5 architecture, {args.size}x{args.size}, batch 1, CPU float32, "
-          f"{torch_threads()} threads")
-    print(f"{'':14s}{'theirs (diffusers)':>20s}{'ours':>12s}{'ours/theirs':>14s}{'target':>9s}")
-    print(f"{'step time':14s}{step['theirs']:>19.3f}s{step['ours']:>11.3f}s{time_ratio:>14.3f}{TIME_TARGET:>9}"
-          f"  {'ok' if time_ratio <= TIME_TARGET else 'MISSED'}")
-    print(f"{'peak RSS':14s}{rss['theirs'] / 2**30:>16.2f} GiB{rss['ours'] / 2**30:>8.2f} GiB{rss_ratio:>14.3f}"
-          f"{RSS_TARGET:>9}  {'ok' if rss_ratio <= RSS_TARGET else 'MISSED'}")
-    if args.theirs_malloc:
-        tuned = step["theirs-malloc"]
-        print(f"theirs with ours' glibc setting: step {tuned:.3f}s, ours/that {step['ours'] / tuned:.3f} "
-              f"(peak RSS {rss['theirs-malloc'] / 2**30:.2f} GiB)")
+          f"{torch_threads()} threads, models {'loaded from files' if files else 'built in memory'}")
+    print(f"{'':22s}{'step':>9s}{'peak RSS':>12s}{'step/theirs':>13s}{'RSS/theirs':>12s}{'targets':>14s}")
+    for side in sides:
+        t_ratio, m_ratio = step[side] / step["theirs"], rss[side] / rss["theirs"]
+        target = TARGETS.get(side)
+        verdict = (f"{target[0]:>6} {target[1]:>5}  " + ("ok" if t_ratio <= target[0] and m_ratio <= target[1]
+                                                         else "MISSED")) if target else ""
+        print(f"{side:22s}{step[side]:>8.3f}s{rss[side] / 2**30:>8.2f} GiB{t_ratio:>13.3f}{m_ratio:>12.3f}  {verdict}")
+    for side in ("ours", "ours-low"):
+        if side in results and "load_peak" in results[side][0]:
+            peak = statistics.median(r["load_peak"] / r["weights"] for r in results[side])
+            after = statistics.median(r["load_after"] / r["weights"] for r in results[side])
+            print(f"{side} load: peak {peak:.3f}x (target <= {LOAD_PEAK_TARGET}), after {after:.3f}x (target <= "
+                  f"{LOAD_AFTER_TARGET}) the loaded weights, "
+                  f"{statistics.median(r['weights'] for r in results[side]) / 2**30:.2f} GiB")
     print("\nrerun: flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_textual_inversion.py "
           + " ".join(a for a in sys.argv[1:]))
 

@@ -140,6 +140,37 @@ def test_truncated_file(tiny_checkpoint, tmp_path, fmt):
     _expect_error(path, "truncated" if fmt == "safetensors" else "damaged")
 
 
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]},           # 4 floats declared in 8 bytes
+    {"dtype": "F32", "shape": [-2], "data_offsets": [0, 0]},
+    {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]},
+    {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},
+    {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]},
+])
+def test_bad_safetensors_entry_is_refused_before_reading(tmp_path, entry):
+    path = tmp_path / "bad.safetensors"
+    _raw_safetensors(path, {"w": entry}, bytes(16))
+    assert "bad entry for 'w'" in str(_expect_error(path, "damaged"))
+
+
+def test_safetensors_tensors_read_exactly(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    values = {"a": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b": torch.tensor([7, -1], dtype=torch.int64),
+              "c": torch.tensor([1.5, -2.25], dtype=torch.bfloat16), "e": torch.zeros(0, 4)}
+    save_file(values, str(path))
+    got = _state_dict(path)
+    for key, value in values.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value)
+
+
 def test_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.ckpt"
     text.write_text("hello, this is not a model\n" * 10)

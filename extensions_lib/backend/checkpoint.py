@@ -1,21 +1,22 @@
 """Read WebUI single-file checkpoints safely and tell what model they hold.
 
-- :func:`open_checkpoint`: ``.safetensors`` tensor by tensor (``safe_open``), ``.ckpt``/``.pt`` through the
+- :func:`open_checkpoint`: ``.safetensors`` tensor by tensor (plain reads, no memory map), ``.ckpt``/``.pt`` through the
   restricted unpickler (weights optionally wrapped in ``{"state_dict": ...}``). The format is sniffed from
   the first bytes, not trusted from the suffix.
 - :func:`detect`: family from the tensors as the WebUI does (text-encoder layout, context width, UNet input
   channels), overridden by a ``<checkpoint>.yaml`` beside the file.
 - :func:`probe_is_v`: the WebUI's v-prediction test for SD2 (one UNet forward, see the function).
-- :func:`short_hash`: the WebUI's short hash, sha256 of the whole file, first 10 hex digits.
+- :func:`short_hash`: the WebUI's short hash, sha256 of the whole file, first 10 hex digits (cached).
 
 Every problem a user can fix raises :class:`~extensions_lib.errors.AlchemyError` naming the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,16 +68,22 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class _SafetensorsReader(CheckpointReader):
-    def __init__(self, path: Path, header: dict):
-        from safetensors import safe_open
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
+
+class _SafetensorsReader(CheckpointReader):
+    """Each tensor read with plain file reads into memory of its own.
+
+    No memory map: a mapped file's pages count toward the process's memory while the map lives, and a
+    tensor viewing the map (safetensors' ``get_tensor``) keeps all of it alive, so a loader converting
+    fp16 to fp32 would peak at the converted weights plus the whole file.
+    """
+
+    def __init__(self, path: Path, header: dict, data_start: int):
         self.path = path
         self._header = {k: v for k, v in header.items() if k != "__metadata__"}
-        try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:
-            raise AlchemyError(f"not a readable .safetensors file ({exc})", path, FIX_REDOWNLOAD) from exc
+        self._data_start = data_start
+        self._fh = open(path, "rb", buffering=0)
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -88,13 +95,24 @@ class _SafetensorsReader(CheckpointReader):
         return _SAFETENSORS_DTYPES.get(self._header[key]["dtype"], torch.uint8)
 
     def take(self, key: str) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as exc:
-            raise AlchemyError(f"cannot read tensor {key!r} ({exc})", self.path, FIX_REDOWNLOAD) from exc
+        entry = self._header[key]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        self._fh.seek(self._data_start + begin)
+        while done < len(view):
+            got = self._fh.readinto(view[done:])
+            if not got:
+                raise AlchemyError(f"truncated .safetensors file: tensor {key!r} is cut off", self.path,
+                                   FIX_REDOWNLOAD)
+            done += got
+        if sys.byteorder != "little" and _DTYPE_SIZES[entry["dtype"]] > 1:
+            raise AlchemyError("safetensors files are little-endian; this machine is not", self.path,
+                               "load the file on a little-endian machine")
+        return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(self.shape(key))
 
     def close(self) -> None:
-        self._file = None
+        self._fh.close()
 
 
 class _PickleReader(CheckpointReader):
@@ -130,8 +148,11 @@ def _check_file(path: Path) -> int:
     return size
 
 
-def _safetensors_header(path: Path, size: int, head: bytes) -> dict | None:
-    """The parsed JSON header if the file starts like a safetensors file, else None."""
+def _safetensors_header(path: Path, size: int, head: bytes) -> tuple[dict, int] | None:
+    """(the parsed JSON header, where the data starts) if the file starts like a safetensors file, else None.
+
+    Every entry's declared dtype, shape and byte range are checked here, before anything is allocated.
+    """
     if len(head) < 9:
         return None
     (length,) = struct.unpack("<Q", head[:8])
@@ -146,11 +167,26 @@ def _safetensors_header(path: Path, size: int, head: bytes) -> dict | None:
         header = json.loads(raw)
     except ValueError as exc:
         raise AlchemyError(f"damaged .safetensors header ({exc})", path, FIX_REDOWNLOAD) from None
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise AlchemyError("damaged .safetensors header (not a JSON object)", path, FIX_REDOWNLOAD)
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = math.prod(int(n) for n in shape)
+            valid = (dtype in _DTYPE_SIZES and all(int(n) >= 0 for n in shape)
+                     and 0 <= int(begin) <= int(stop) and int(stop) - int(begin) == count * _DTYPE_SIZES[dtype])
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise AlchemyError(f"damaged .safetensors header: bad entry for {key!r}", path, FIX_REDOWNLOAD)
+        end = max(end, int(stop))
     if 8 + length + end > size:
         raise AlchemyError(f"truncated .safetensors file: {size} bytes, the header needs {8 + length + end}",
                            path, FIX_REDOWNLOAD)
-    return header
+    return header, 8 + length
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -172,9 +208,9 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     size = _check_file(path)
     with open(path, "rb") as fh:
         head = fh.read(9)
-    header = _safetensors_header(path, size, head)
-    if header is not None:
-        return _SafetensorsReader(path, header)
+    parsed = _safetensors_header(path, size, head)
+    if parsed is not None:
+        return _SafetensorsReader(path, *parsed)
     if head[:2] == b"PK" or head[:1] == b"\x80":       # torch zip archive / legacy pickle
         from ..safe_pickle import safe_load
 
@@ -309,15 +345,9 @@ def probe_is_v(unet: torch.nn.Module, context_dim: int) -> bool:
 
 # --- hashing --------------------------------------------------------------------------------------------
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def short_hash(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """The WebUI's checkpoint short hash: sha256 of the whole file, first 10 hex digits (cached per file
+    version, see :mod:`.hash_cache`)."""
+    from .hash_cache import cached_sha256
 
-
-def short_hash(path: str | os.PathLike) -> str:
-    """The WebUI's checkpoint short hash: sha256 of the whole file, first 10 hex digits."""
-    return sha256_file(path)[:10]
-
+    return cached_sha256(path, cache_dir)[:10]

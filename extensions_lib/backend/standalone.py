@@ -52,6 +52,8 @@ class StandaloneModel:
         self.extras = extras or {}
         """LDM tensors without a diffusers counterpart (schedule buffers, SD2 text projection; no EMA),
         kept so :meth:`ldm_state_dict` can write a complete single file."""
+        self.compute_dtype: torch.dtype | None = None
+        """Set when layers compute in another dtype than their weights are stored in (low-memory training)."""
         self._hash: str | None = None
         self._tokenizer = None
         self._placed: dict[str, torch.device] = {name: torch.device("cpu") for name in PARTS} if offload else {}
@@ -72,7 +74,10 @@ class StandaloneModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return self._input_dtype(self.unet)
+
+    def _input_dtype(self, module: torch.nn.Module) -> torch.dtype:
+        return self.compute_dtype or next(module.parameters()).dtype
 
     # --- text ------------------------------------------------------------------------------------------
     @property
@@ -93,13 +98,13 @@ class StandaloneModel:
     def encode_images(self, images: torch.Tensor) -> LatentDistribution:
         with self.use("vae"):
             param = next(self.vae.parameters())
-            dist = self.vae.encode(images.to(param.device, param.dtype)).latent_dist
+            dist = self.vae.encode(images.to(param.device, self._input_dtype(self.vae))).latent_dist
             return LatentDistribution(mean=dist.mean, std=dist.std, scale=self.vae_scale_factor)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with self.use("vae"):
             param = next(self.vae.parameters())
-            return self.vae.decode(latents.to(param.device, param.dtype) / self.vae_scale_factor).sample
+            return self.vae.decode(latents.to(param.device, self._input_dtype(self.vae)) / self.vae_scale_factor).sample
 
     # --- denoiser --------------------------------------------------------------------------------------
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -108,8 +113,9 @@ class StandaloneModel:
             timesteps = torch.as_tensor(timesteps, device=param.device)
             if timesteps.ndim == 0:
                 timesteps = timesteps.expand(noisy_latents.shape[0])
-            return self.unet(noisy_latents.to(param.device, param.dtype), timesteps,
-                             encoder_hidden_states=cond.to(param.device, param.dtype)).sample
+            dtype = self._input_dtype(self.unet)
+            return self.unet(noisy_latents.to(param.device, dtype), timesteps,
+                             encoder_hidden_states=cond.to(param.device, dtype)).sample
 
     def attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         from diffusers.models.attention_processor import Attention
@@ -305,6 +311,11 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
         # sd2 and sd2-v share the module structure, so only the facts change.
         detected = dataclasses.replace(detected, prediction_type="v" if is_v else "eps")
         config = choose_config(detected, path)
+    # Converted tensors' sources were freed one by one; glibc keeps such holes in its heaps unless asked
+    # (measured: about 5% of the weights after an fp16 -> fp32 load of SD1).
+    from ..embeddings.cpu_memory import release_free_memory
+
+    release_free_memory()
     return LoadedParts(config, detected, parts, alphas_cumprod.to("cpu", torch.float32), extras)
 
 

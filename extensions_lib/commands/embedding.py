@@ -138,7 +138,11 @@ def train_in_session(args: argparse.Namespace, options_cls: type, session_cls: t
     if check is not None:
         check(opts)
     ckpt = require_checkpoint(command.ckpt)
-    adapter = load_model(ckpt, device=command.device)
+    if getattr(opts, "low_memory", False):
+        from ..train.low_memory import load_low_memory
+        adapter = load_low_memory(ckpt, device=command.device)
+    else:
+        adapter = load_model(ckpt, device=command.device)
     with session_cls(adapter, plan) as session:
         with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
             def encoded(done: int, total: int) -> None:

@@ -48,6 +48,10 @@ class EmbeddingMethodOptions(TrainingOptions):
                                   help="once the latents are cached, training reads neither the VAE (but for previews) "
                                        "nor most rows of the token-embedding matrix: keep them in RAM (GPU) or a "
                                        "temporary file (CPU) meanwhile (like the WebUI's 'Move VAE and CLIP to RAM')")
+    low_memory: bool = option(False, label="Low-memory training", group=_EMB,
+                              help="keep the frozen UNet and text-encoder layer weights in float16 and compute each "
+                                   "layer in float32 as it runs (about half the model's memory; the same values for "
+                                   "float16 checkpoints; a little slower)")
     save_image_with_stored_embedding: bool = option(True, label="Save images with embedding in PNG chunks",
                                                     group=_EMB,
                                                     help="with each preview, also write the embedding inside a PNG "

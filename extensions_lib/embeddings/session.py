@@ -17,6 +17,7 @@ from ..train.loop import TrainResult, train
 from ..train.offload import Offload, OffloadSet
 from ..train.plan import RunPlan
 from ..train.setup import RunSetup, all_real
+from ..train.low_memory import low_memory_layers
 from .method import TextualInversion, prepare
 from .options import EmbeddingTrainOptions
 from .patch import EmbeddingPatch, patch_text_encoders, unwrap
@@ -105,6 +106,7 @@ class TrainingSession:
         method.away = OffloadSet(parts) if parts else None
         setup.undo_with(lambda: setattr(method, "away", None))
         setup.release_memory()
+        setup.apply(low_memory_layers(self.adapter, method.plan.options.low_memory))  # before the lean layers swap
         setup.lean_backward()
         return train(method, method.plan, callbacks, cancel)
 

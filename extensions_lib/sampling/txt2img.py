@@ -162,7 +162,8 @@ def decode_images(adapter: ModelAdapter, latents: torch.Tensor, refuse_nan: bool
     """VAE-decode one latent at a time (as the WebUI does: peak memory of a single image); with
     `refuse_nan`, NonFiniteImage when the sampler or the VAE produced NaN/inf."""
     vae = adapter.modules().get("vae")
-    dtype = next(vae.parameters()).dtype if vae is not None else adapter.dtype
+    dtype = getattr(adapter, "compute_dtype", None) or (next(vae.parameters()).dtype if vae is not None
+                                                         else adapter.dtype)
     images = []
     with adapter.use("vae"):
         for index, latent in enumerate(latents):

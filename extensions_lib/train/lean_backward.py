@@ -30,7 +30,9 @@ class _FrozenConvFunction(torch.autograd.Function):
         ctx.conv = conv
         ctx.input_shape = x.shape
         ctx.input_dtype = x.dtype
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        # (weights may be stored in half precision and computed in x's dtype: train/low_memory.py)
+        bias = None if conv.bias is None else conv.bias.to(x.dtype)
+        return conv._conv_forward(x, conv.weight.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
