@@ -313,7 +313,7 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
         config = choose_config(detected, path)
     # Converted tensors' sources were freed one by one; glibc keeps such holes in its heaps unless asked
     # (measured: about 5% of the weights after an fp16 -> fp32 load of SD1).
-    from ..embeddings.cpu_memory import release_free_memory
+    from ..train.cpu_memory import release_free_memory
 
     release_free_memory()
     return LoadedParts(config, detected, parts, alphas_cumprod.to("cpu", torch.float32), extras)
