@@ -11,7 +11,9 @@ Both: 256x256, 10 steps, CFG 7, batch 1, prompt "a photo of a cat", empty negati
 each side's UNet stamps every call; the step time is the median gap between consecutive UNet calls (so it holds
 the sampler, guidance and conditioning overhead of a step, not the load, text encoding or VAE decode). Also
 reported: the whole generation after the model is loaded (text encoding, steps, decode, PNG, infotext and its
-checkpoint hash: a first run of ours hashes the 2 GB file once, later runs read the hash cache).
+checkpoint hash: a first run of ours hashes the 2 GB file once, later runs read the hash cache), and the minor
+page faults per step: memory the allocator gave back and the next step faults in again (which once cost ours a
+third of a step) shows there, and unlike the times it is not blurred by other load on the machine.
 
     .venv/bin/pip install --no-deps --target .cache/bench-deps -r bench/requirements.txt   # accelerate, once
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_txt2img.py
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -37,14 +40,19 @@ from bench_load import BENCH_DEPS, child_env, require_accelerate, run_child, wri
 PROMPT, SIZE, STEPS, CFG, SEED = "a photo of a cat", 256, 10, 7.0, 1234
 
 
-def _stamp_calls(unet, stamps: list[float]) -> None:
-    unet.register_forward_pre_hook(lambda module, args: stamps.append(time.perf_counter()))
+def _stamp_calls(unet, stamps: list[float], faults: list[int]) -> None:
+    def stamp(module, args):
+        stamps.append(time.perf_counter())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+    unet.register_forward_pre_hook(stamp)
 
 
 def child(which: str, ckpt: str, folder: str, out_dir: str) -> None:
     import torch
 
     stamps: list[float] = []
+    faults: list[int] = []
     marks: dict[str, float] = {}
     if which == "ours":
         from extensions_lib.backend import standalone
@@ -54,7 +62,7 @@ def child(which: str, ckpt: str, folder: str, out_dir: str) -> None:
 
         def load_and_stamp(*args, **kwargs):
             model = real_load(*args, **kwargs)
-            _stamp_calls(model.unet, stamps)
+            _stamp_calls(model.unet, stamps, faults)
             marks["loaded"] = time.perf_counter()
             return model
 
@@ -71,14 +79,16 @@ def child(which: str, ckpt: str, folder: str, out_dir: str) -> None:
         pipe = StableDiffusionPipeline.from_single_file(ckpt, config=folder, torch_dtype=torch.float32,
                                                         local_files_only=True, safety_checker=None)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
-        _stamp_calls(pipe.unet, stamps)
+        _stamp_calls(pipe.unet, stamps, faults)
         marks["loaded"] = time.perf_counter()
         image = pipe(PROMPT, negative_prompt="", height=SIZE, width=SIZE, num_inference_steps=STEPS,
                      guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED)).images[0]
         image.save(Path(out_dir) / "theirs.png")
         marks["done"] = time.perf_counter()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    print(json.dumps({"step": statistics.median(gaps), "calls": len(stamps), "threads": torch.get_num_threads(),
+    step_faults = [b - a for a, b in zip(faults, faults[1:])]
+    print(json.dumps({"step": statistics.median(gaps), "faults": statistics.median(step_faults), "calls": len(stamps),
+                      "threads": torch.get_num_threads(),
                       "after_load": marks["done"] - marks["loaded"]}))
 
 
@@ -111,7 +121,7 @@ def main() -> None:
                                   dict(child_env(args.extra_path), ALCHEMY_CACHE_DIR=str(cache)))
                 results[which].append(r)
                 print(f"run {i + 1} {which:9s}: {r['step']:.3f} s/it (median of {r['calls'] - 1} gaps), "
-                      f"{r['after_load']:.1f} s after load, {r['threads']} threads")
+                      f"{r['after_load']:.1f} s after load, {r['threads']} threads, {r['faults']:.0f} page faults/step")
 
     def med(which, key):
         return statistics.median(r[key] for r in results[which])
@@ -120,6 +130,7 @@ def main() -> None:
     print()
     print(f"{'':32s}{'ours':>10s}{'diffusers':>12s}")
     print(f"{'s/it (median)':32s}{ours:10.3f}{theirs:12.3f}")
+    print(f"{'page faults per step (median)':32s}{med('ours', 'faults'):10.0f}{med('diffusers', 'faults'):12.0f}")
     print(f"{'after load, s (median)':32s}{med('ours', 'after_load'):10.1f}{med('diffusers', 'after_load'):12.1f}")
     if len(results["ours"]) > 1:
         print(f"ours after load, first run (hashes the file) vs later: {results['ours'][0]['after_load']:.1f} s vs "

@@ -151,3 +151,17 @@ def test_keeping_freed_memory_restores_the_environments_pad_and_is_a_no_op_witho
     monkeypatch.setattr(cpu_memory, "_glibc", lambda: None)
     with cpu_memory.keeping_freed_memory() as active:
         assert not active
+
+
+def test_reusing_call_buffers_for_sampling_restores_the_environments_thresholds_even_when_the_block_fails(monkeypatch):
+    from extensions_lib.train import cpu_memory
+
+    libc = _RecordingLibc()
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: libc)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with pytest.raises(RuntimeError):
+        with cpu_memory.reusing_call_buffers():
+            raise RuntimeError("sampling failed")
+    assert libc.calls[2:] == [("mallopt", cpu_memory.M_MMAP_THRESHOLD, cpu_memory.DEFAULT_THRESHOLD),
+                              ("mallopt", cpu_memory.M_TRIM_THRESHOLD, 65536), ("malloc_trim", 0)]

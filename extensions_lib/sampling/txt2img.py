@@ -7,6 +7,7 @@ Noise follows the WebUI with the "CPU" RNG source: image i of a batch draws from
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from PIL import Image
 from ..adapter import ModelAdapter
 from ..errors import AlchemyError
 from ..options import option
+from ..train.cpu_memory import reusing_call_buffers
 from .denoiser import Denoiser, guided
 from .infotext import format_number, infotext
 from .samplers import SAMPLERS, SamplerSpec, find_sampler
@@ -142,7 +144,8 @@ def sample_latents(adapter: ModelAdapter, spec: SamplerSpec, cond: torch.Tensor,
     batch = x.shape[0]
     model_fn = guided(Denoiser(adapter), cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1), cfg_scale)
     extra = {"noise_fn": noise} if spec.stochastic else {}
-    with adapter.use("unet"):
+    # On the CPU each UNet call would otherwise page-fault its large buffers in afresh (cpu_memory).
+    with adapter.use("unet"), reusing_call_buffers() if x.device.type == "cpu" else contextlib.nullcontext():
         return spec.sample(model_fn, x, sigmas, callback=callback, **extra)
 
 

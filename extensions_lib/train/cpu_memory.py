@@ -20,10 +20,16 @@ import os
 import sys
 from typing import Iterator
 
+M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
 DEFAULT_TOP_PAD = 128 * 1024
 """glibc's default (mallopt(3)), unless MALLOC_TOP_PAD_ set another."""
 TRAINING_TOP_PAD = 192 * 1024 * 1024
+DEFAULT_THRESHOLD = 128 * 1024
+"""glibc's starting M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (mallopt(3))."""
+SAMPLING_MMAP_THRESHOLD = 256 * 1024 * 1024
+SAMPLING_TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 
 def _glibc():
@@ -60,4 +66,30 @@ def keeping_freed_memory(pad: int = TRAINING_TOP_PAD) -> Iterator[bool]:
     finally:
         default = os.environ.get("MALLOC_TOP_PAD_", "")
         libc.mallopt(M_TOP_PAD, int(default) if default.isdigit() else DEFAULT_TOP_PAD)
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def reusing_call_buffers(mmap_threshold: int = SAMPLING_MMAP_THRESHOLD,
+                         trim_threshold: int = SAMPLING_TRIM_THRESHOLD) -> Iterator[bool]:
+    """For the block, ask glibc to serve buffers up to `mmap_threshold` bytes from the heap (glibc 2.36
+    silently keeps its 32 MB cap) and to keep up to `trim_threshold` bytes of freed heap top, so repeated
+    inference calls reuse their memory instead of page-faulting it in afresh.
+
+    Measured on SD1's UNet at 128 px on the CPU: 464,000 minor page faults per call without it (diffusers'
+    pipeline in its own process: none after the first call), 3 with it; the trim threshold is what
+    matters. Yields whether the settings took effect; afterwards glibc's starting thresholds (or the
+    environment's) are set back and freed memory returned.
+    """
+    libc = _glibc()
+    if libc is None or not (libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
+                            and libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold))):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        for param, env in ((M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
+            default = os.environ.get(env, "")
+            libc.mallopt(param, int(default) if default.isdigit() else DEFAULT_THRESHOLD)
         libc.malloc_trim(0)
