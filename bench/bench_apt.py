@@ -21,7 +21,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,10 +119,9 @@ def spawn(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--size", str(args.size),
            "--batch", str(args.batch), "--images", str(args.images), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--cache", args.cache, "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"{side} run failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench_load import run_json
+
+    return run_json(cmd, f"{side} run", cwd=ROOT)
 
 
 def main() -> None:

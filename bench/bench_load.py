@@ -206,13 +206,18 @@ def require_accelerate(extra_path: str | None) -> None:
                          f"Install it beside the venv with:\n  {INSTALL_DEPS}\nthen rerun this command.")
 
 
+def run_json(cmd: list[str], what: str, env: dict | None = None, cwd=None) -> dict:
+    """Run `cmd` (a bench's own side, in a fresh interpreter); its last stdout line is the JSON result.
+    A failing run stops the bench with `what` and the end of its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{what} failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_child(script: str, child_args: list[str], env: dict) -> dict:
     """Run ``script --child ARGS`` in a fresh interpreter; its last stdout line is the JSON result."""
-    out = subprocess.run([sys.executable, script, "--child", *child_args], capture_output=True, text=True, env=env,
-                         check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{child_args[0]} child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, script, "--child", *child_args], f"{child_args[0]} child", env)
 
 
 def main() -> None:

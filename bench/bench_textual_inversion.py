@@ -42,7 +42,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -306,13 +305,9 @@ def spawn(side: str, args, files: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--size", str(args.size),
            "--images", str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     cmd += ["--files", str(files)] if files else []
-    from bench_load import BENCH_DEPS, child_env
+    from bench_load import BENCH_DEPS, child_env, run_json
 
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                         env=child_env(str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None))
-    if out.returncode != 0:
-        raise SystemExit(f"{side} run failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(cmd, f"{side} run", child_env(str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None), cwd=ROOT)
 
 
 def main() -> None:

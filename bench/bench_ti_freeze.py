@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,14 +34,12 @@ def run_side(side: str, ckpt: Path, size: int, warmup: int, steps: int, work: Pa
 
     import extensions_lib.train.setup as run_setup
     from extensions_lib.host.webui_adapter import WebUIModelAdapter
-    from webui_standin import ldm_standin
     from webui_standin.harness import standin_host
 
     if side == "before":  # the model as the host leaves it: nothing frozen by the run
         run_setup.frozen_model = lambda adapter: contextlib.nullcontext()
-    ldm_standin.build_ldm = ldm_standin._build_ldm  # no second, cached copy of a full-size model
     with standin_host(work / "webui") as host:
-        model = host.load_model(ckpt)
+        model = host.load_model(ckpt, cached=False)  # no second, cached copy of a full-size model
         return _train(model, WebUIModelAdapter(model, torch.device("cpu")), size, warmup, steps, work)
 
 
@@ -77,10 +74,9 @@ def _train(model, adapter, size: int, warmup: int, steps: int, work: Path) -> di
 def spawn(side: str, args, ckpt: Path) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--ckpt", str(ckpt), "--size", str(args.size),
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"{side} run failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench_load import run_json
+
+    return run_json(cmd, f"{side} run", cwd=ROOT)
 
 
 def main() -> None:
