@@ -160,6 +160,26 @@ class DreamBoothMethod:
         return None
 
 
+class OriginalWeights:
+    """The parameters of `modules` as they are now; :meth:`restore` puts them back, bit for bit.
+
+    The copy (:attr:`saved`) lives in CPU memory, in each tensor's own dtype: on the compute device it would
+    cost a whole second UNet beside the model, its gradients and the optimizer's two moments (the scarce
+    memory), while RAM is plentiful and the copy is read only once. Only parameters are kept (training
+    changes no buffer), and they are put back by name, as a host that parks parts (``--medvram``) may have
+    replaced the parameter objects meanwhile."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        self.saved = [(m, {n: p.detach().to("cpu", copy=True) for n, p in m.named_parameters()}) for m in modules]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, params in self.saved:
+                for name, p in module.named_parameters():
+                    if name in params:
+                        p.copy_(params[name])
+
+
 def _check_name(name: str) -> str:
     name = name.strip()
     if not name or any(c in name for c in "/\\\0") or name in (".", ".."):
@@ -222,8 +242,7 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
         else:
             trained = [modules["unet"]] + ([modules["text_encoder"]] if options.train_text_encoder else [])
             if not options.keep_trained_weights:
-                originals = [(m, {k: v.detach().clone() for k, v in m.state_dict().items()}) for m in trained]
-                setup.undo_with(lambda: [m.load_state_dict(sd) for m, sd in originals])
+                setup.undo_with(OriginalWeights(trained).restore)
             for m in trained:
                 m.requires_grad_(True)
         if options.gradient_checkpointing:

@@ -84,7 +84,7 @@ class AlchemyExtension:
                          tagger_models_dir=folders.tagger_models, templates_dir=self.h.templates_dir(),
                          preview_params=preview_params, files_changed=self.files_changed,
                          unsupported=self.h.unsupported(), defaults=defaults, tagger_slot=self._tagger_slot,
-                         folders={"lora": self.lora_dir(),
+                         folders={"lora": self.lora_dir(), "checkpoints": self.checkpoints_dir(),
                                   "aesthetic_embeddings": self.h.models_path() / "aesthetic_embeddings",
                                   "aesthetic_clip": self.h.models_path() / "aesthetic_clip"})
 
@@ -93,6 +93,13 @@ class AlchemyExtension:
         cmd_opts = getattr(self.h.shared, "cmd_opts", None)
         return Path(getattr(cmd_opts, "lora_dir", None) or Path(self.h.models_path()) / "Lora")
 
+    def checkpoints_dir(self) -> Path:
+        """Where a trained checkpoint goes so the host lists it: ``--ckpt-dir`` when given, else its
+        ``sd_models.model_path`` (``<models>/Stable-diffusion``)."""
+        cmd_opts = getattr(self.h.shared, "cmd_opts", None)
+        value = getattr(cmd_opts, "ckpt_dir", None) or getattr(self.h.sd_models, "model_path", None)
+        return Path(value) if value else Path(self.h.models_path()) / "Stable-diffusion"
+
     def files_changed(self, kind: str) -> None:
         """After a job wrote a file: make the host see it now (it would miss a rewritten embedding)."""
         if kind == "embeddings":
@@ -100,6 +107,10 @@ class AlchemyExtension:
                 self.embeddings.reload()
         elif kind == "hypernetworks":
             self.hypernetworks.refresh()
+        elif kind == "checkpoints":
+            list_models = getattr(self.h.sd_models, "list_models", None)
+            if callable(list_models):  # the checkpoint dropdown's refresh button then shows the new file
+                list_models()
 
     # --- settings --------------------------------------------------------------------------------------
     def on_ui_settings(self) -> None:

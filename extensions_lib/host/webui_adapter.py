@@ -79,6 +79,16 @@ def run_placement_hook(root: nn.Module) -> bool:
     return False
 
 
+WRAPPER_LEVEL = "wrapped"
+"""The attribute the host's hijack wrappers keep the wrapped module under."""
+
+
+def unwrapped_key(key: str) -> str:
+    """A state-dict key of the hijacked model without the wrappers' levels: ``cond_stage_model.wrapped.
+    transformer....token_embedding.wrapped.weight`` -> ``cond_stage_model.transformer....token_embedding.weight``."""
+    return ".".join(p for p in key.split(".") if p != WRAPPER_LEVEL)
+
+
 def _dtype_of(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
     for p in module.parameters():
         return p.dtype
@@ -218,6 +228,22 @@ class WebUIModelAdapter:
             timesteps = timesteps.expand(noisy_latents.shape[0])
         return self.sd_model.apply_model(noisy_latents.to(self.device, dtype), timesteps,
                                          cond.to(self.device, dtype))
+
+    def ldm_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The loaded model's weights under the keys of a WebUI single-file checkpoint, tensor by tensor.
+
+        ldm's modules already carry those names; only the host's hijack wrappers add a ``wrapped.`` level
+        (the prompt wrapper around ``cond_stage_model``, ``EmbeddingsWithFixes`` around the token embedding),
+        which its own loader never sees because it loads with the hijack undone. The schedule is written as
+        the checkpoint had it (``alphas_cumprod_original``), not as a sampling setting may have rescaled it.
+        """
+        self._refuse_sdxl("writing a checkpoint")
+        original = getattr(self.sd_model, "alphas_cumprod_original", None)
+        for key, tensor in self.sd_model.state_dict().items():
+            key = unwrapped_key(key)
+            if key == "alphas_cumprod" and isinstance(original, torch.Tensor):
+                tensor = original
+            yield key, tensor
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         root = self.sd_model.model.diffusion_model

@@ -115,9 +115,10 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
                 name = gr.Dropdown(choices=names, value=current, allow_custom_value=True, label=name_spec.label,
                                    info=name_spec.help, elem_id=f"{prefix}_{spec.name_option}")
                 refresh = refresh_button(f"{prefix}_refresh")
-            template = gr.Dropdown(choices=context.template_choices(), value=getattr(defaults, TEMPLATE_OPTION),
-                                   allow_custom_value=True, label=template_spec.label, info=template_spec.help,
-                                   elem_id=f"{prefix}_{TEMPLATE_OPTION}")
+            # A method whose prompts come from elsewhere (DreamBooth's instance/class prompts) hides the option.
+            templates = [gr.Dropdown(choices=context.template_choices(), value=getattr(defaults, TEMPLATE_OPTION),
+                                     allow_custom_value=True, label=template_spec.label, info=template_spec.help,
+                                     elem_id=f"{prefix}_{TEMPLATE_OPTION}")] if template_spec.ui else []
             from_txt2img = list(context.preview_params or [])
             form = render_options(spec.options_cls, defaults, elem_prefix=prefix,
                                   skip=(spec.name_option, TEMPLATE_OPTION, *(PREVIEW_FIELDS if from_txt2img else ())),
@@ -132,10 +133,12 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
 
     n_options = len(form.inputs)
 
-    def on_train(name_value, template_value, *values):
+    def on_train(name_value, *values):
+        extra = {spec.name_option: name_value or ""}
+        if templates:
+            extra[TEMPLATE_OPTION], values = values[0] or "", values[1:]
         try:
-            options = form.read(values[:n_options], extra={spec.name_option: name_value or "",
-                                                          TEMPLATE_OPTION: template_value or ""})
+            options = form.read(values[:n_options], extra=extra)
             options, note = with_txt2img_preview(options, values[n_options:])
             request = spec.make_request(options, context)
         except AlchemyError as exc:
@@ -148,7 +151,7 @@ def build_train_tab(runner: JobRunner, context: UIContext, spec: TrainTabSpec) -
     def on_refresh():
         return gr.update(choices=spec.listing.names()), spec.listing.html()
 
-    start.click(fn=on_train, inputs=[name, template, *form.inputs, *from_txt2img], outputs=[result, files, name],
+    start.click(fn=on_train, inputs=[name, *templates, *form.inputs, *from_txt2img], outputs=[result, files, name],
                 _js=watch_js(spec.panel))
     refresh.click(fn=on_refresh, inputs=[], outputs=[name, files])
     # Files made since the page was built (the Create tab, the API, the CLI, the host) are listed when the

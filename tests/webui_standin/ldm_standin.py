@@ -15,6 +15,7 @@ The shapes follow ldm (``LatentDiffusion`` with ``model.diffusion_model``, ``fir
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -44,12 +45,15 @@ class DiagonalGaussianDistribution:
 
 
 class AutoencoderKL(nn.Module):
-    """ldm's first stage: ``encode(x) -> DiagonalGaussianDistribution``, ``decode(z) -> image``."""
+    """ldm's first stage: ``encode(x) -> DiagonalGaussianDistribution``, ``decode(z) -> image`` (state dict
+    in ldm's key names)."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, layout=None):
         super().__init__()
         self.encoder, self.decoder = vae.encoder, vae.decoder
         self.quant_conv, self.post_quant_conv = vae.quant_conv, vae.post_quant_conv
+        if layout is not None:
+            _ldm_state_dict_names(self, "vae", "", layout)
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
@@ -89,12 +93,37 @@ class HostAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class UNetModel(nn.Module):
-    """ldm's ``UNetModel`` call signature over a diffusers UNet."""
+def _ldm_names(component, inner, layout, module, state_dict, prefix, local_metadata):
+    """state_dict hook: the diffusers modules under ``prefix + inner`` named as ldm's modules are, so
+    ``sd_model.state_dict()`` has a real host's LDM keys (what the WebUI's checkpoint loader reads)."""
+    base = keymap.UNET_PREFIX if component == "unet" else keymap.VAE_PREFIX
+    for key in [k for k in state_dict if k.startswith(prefix + inner)]:
+        piece = keymap.diffusers_to_ldm(component, key[len(prefix + inner):], layout)
+        state_dict[prefix + piece.key[len(base):]] = keymap.to_ldm_tensor(state_dict.pop(key), piece)
 
-    def __init__(self, unet):
+
+def _from_ldm_names(component, inner, layout, state_dict, prefix, *args):
+    """load_state_dict pre-hook, the inverse of :func:`_ldm_names` (the host loads LDM state dicts)."""
+    base = keymap.UNET_PREFIX if component == "unet" else keymap.VAE_PREFIX
+    for key in [k for k in state_dict if k.startswith(prefix) and not (inner and k.startswith(prefix + inner))]:
+        tensor = state_dict.pop(key)
+        for piece in keymap.ldm_to_diffusers(base + key[len(prefix):], layout):
+            state_dict[prefix + inner + piece.key] = keymap.to_diffusers_tensor(tensor, piece)
+
+
+def _ldm_state_dict_names(module: nn.Module, component: str, inner: str, layout) -> None:
+    module._register_state_dict_hook(functools.partial(_ldm_names, component, inner, layout))
+    module._register_load_state_dict_pre_hook(functools.partial(_from_ldm_names, component, inner, layout))
+
+
+class UNetModel(nn.Module):
+    """ldm's ``UNetModel`` call signature over a diffusers UNet (state dict in ldm's key names)."""
+
+    def __init__(self, unet, layout=None):
         super().__init__()
         self.unet = unet
+        if layout is not None:
+            _ldm_state_dict_names(self, "unet", "unet.", layout)
         from diffusers.models.attention_processor import Attention
 
         for module in unet.modules():
@@ -207,17 +236,34 @@ class CheckpointInfo:
 class LatentDiffusion(nn.Module):
     """ldm's ``LatentDiffusion`` as far as the WebUI and its extensions use it."""
 
-    def __init__(self, unet, vae, cond_stage_model, alphas_cumprod, parameterization, scale_factor):
+    def __init__(self, unet, vae, cond_stage_model, alphas_cumprod, parameterization, scale_factor, layout=None):
         super().__init__()
-        self.model = DiffusionWrapper(UNetModel(unet))
-        self.first_stage_model = AutoencoderKL(vae)
+        self.model = DiffusionWrapper(UNetModel(unet, layout))
+        self.first_stage_model = AutoencoderKL(vae, layout)
         self.cond_stage_model = cond_stage_model
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float())
-        self.register_buffer("logvar", torch.zeros(alphas_cumprod.shape[0]))
+        self._register_schedule(alphas_cumprod.double())
+        # ldm keeps logvar as a plain tensor (a parameter only with learn_logvar): not in the state dict
+        self.logvar = torch.zeros(alphas_cumprod.shape[0])
         self.parameterization = parameterization
         self.scale_factor = scale_factor
         self.conditioning_key = "crossattn"
         self.num_timesteps = int(alphas_cumprod.shape[0])
+
+    def _register_schedule(self, ac: torch.Tensor) -> None:
+        """ldm's ``register_schedule`` buffers (v_posterior 0), derived from ᾱ as the model holds it."""
+        prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        betas = 1 - ac / prev
+        posterior_variance = betas * (1 - prev) / (1 - ac)
+        buffers = {
+            "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": prev,
+            "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+            "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+            "posterior_mean_coef1": betas * prev.sqrt() / (1 - ac),
+            "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - ac)}
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float())
 
     def apply_model(self, x_noisy, t, cond, return_ids=False):
         if not isinstance(cond, dict):
@@ -295,7 +341,12 @@ def _build_ldm(checkpoint: str | Path) -> LatentDiffusion:
     state_dict = load_file(str(checkpoint))
     cond = _text_encoder(loaded.config, state_dict)
     model = LatentDiffusion(loaded.parts["unet"], loaded.parts["vae"], cond, loaded.alphas_cumprod,
-                            loaded.config.prediction_type, float(loaded.config.scale_factor))
+                            loaded.config.prediction_type, float(loaded.config.scale_factor),
+                            layout=keymap.Layout.from_config(loaded.config))
+    with torch.no_grad():  # the file's schedule buffers replace the derived ones, as the host's strict=False load does
+        for name, buffer in model.named_buffers(recurse=False):
+            if name in state_dict:
+                buffer.copy_(state_dict[name])
     # As ldm: only the first stage (VAE) and the text encoder are frozen (instantiate_first_stage, the
     # embedder's freeze()); the UNet's parameters keep requires_grad=True in the real host (our loader
     # hands them over frozen).

@@ -7,7 +7,14 @@ object becomes current and **no callback fires**.
 """
 from __future__ import annotations
 
-from modules import lowvram, script_callbacks, sd_hijack
+import os
+
+from modules import lowvram, script_callbacks, sd_hijack, shared
+
+model_path = os.path.abspath(os.path.join(shared.models_path, "Stable-diffusion"))
+checkpoints_list = {}
+"""title -> CheckpointInfo, filled by :func:`list_models` (the checkpoint dropdown's choices)."""
+checkpoint_aliases = {}
 
 
 class SdModelData:
@@ -73,3 +80,27 @@ def switch_to_cached(sd_model):
 
 def unload_model_weights():
     model_data.sd_model = None
+
+
+def list_models():
+    """v1.10.1: clear the lists, then register every ``.ckpt``/``.safetensors`` under ``model_path`` and
+    ``--ckpt-dir`` (``modelloader.load_models``: walked recursively, ``.vae.*`` files left out)."""
+    from webui_standin.ldm_standin import CheckpointInfo
+
+    checkpoints_list.clear()
+    checkpoint_aliases.clear()
+    found = []
+    for folder in (model_path, shared.cmd_opts.ckpt_dir):
+        if not folder or not os.path.isdir(folder):
+            continue
+        for root, _dirs, files in os.walk(folder, followlinks=True):
+            for name in files:
+                if name.endswith((".ckpt", ".safetensors")) and not name.endswith((".vae.ckpt", ".vae.safetensors")):
+                    path = os.path.abspath(os.path.join(root, name))
+                    if path not in found:
+                        found.append(path)
+    for filename in sorted(found, key=str.lower):
+        info = CheckpointInfo(filename)
+        checkpoints_list[info.title] = info
+        for alias in (info.name, info.model_name, info.title, info.short_title, info.hash, info.shorthash):
+            checkpoint_aliases[alias] = info

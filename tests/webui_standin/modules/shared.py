@@ -17,7 +17,7 @@ models_path = os.path.join(data_path, "models")
 
 cmd_opts = argparse.Namespace(
     data_dir=data_path, models_dir=None, embeddings_dir=os.path.join(data_path, "embeddings"),
-    hypernetwork_dir=os.path.join(models_path, "hypernetworks"),
+    hypernetwork_dir=os.path.join(models_path, "hypernetworks"), ckpt_dir=None, ckpt=None,
     textual_inversion_templates_dir=os.path.join(data_path, "textual_inversion_templates"),
     medvram=False, medvram_sdxl=False, lowvram=False, api=False, api_auth=None, nowebui=False, no_half=False,
     disable_extension_access=False, freeze_settings=False, ui_debug_mode=False,
