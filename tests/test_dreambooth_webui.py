@@ -183,3 +183,58 @@ def test_original_weights_copy_lives_in_cpu_memory_in_its_own_dtype():
         layer.bias.mul_(3)
     originals.restore()
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.needs_gradio
+def test_train_tab_has_no_template_dropdown_and_its_start_button_reads_the_options(tmp_path):
+    """DreamBooth's prompts are the instance/class prompts: no template picker (Textual Inversion keeps its),
+    and the start button's values line up with the options without one."""
+    gr = pytest.importorskip("gradio")
+    from extensions_lib.jobs.context import UIContext
+    from extensions_lib.jobs.thread_runner import ThreadJobRunner
+    from extensions_lib.ui import build_train_tabs
+
+    seen = []
+
+    def model():
+        seen.append(True)
+        raise RuntimeError("no model in this test")
+
+    context = UIContext(model=model, embeddings_dir=tmp_path / "e", hypernetworks_dir=tmp_path / "h",
+                        log_root=tmp_path, tagger_models_dir=tmp_path / "t", folders={"lora": tmp_path / "Lora"})
+    with gr.Blocks() as demo:
+        with gr.Tabs():
+            build_train_tabs(ThreadJobRunner(), context)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert "alchemy_train_dreambooth_template_file" not in by_id
+    assert "alchemy_train_embedding_template_file" in by_id
+    button = by_id["alchemy_train_dreambooth_start"]
+    fn, inputs = next((fn.fn, [demo.blocks[i] for i in dep["inputs"]])
+                      for dep, fn in zip(demo.dependencies, demo.fns) if button._id in dep["targets"])
+    values = {b.elem_id: b.value for b in inputs}
+    values.update({"alchemy_train_dreambooth_model_name": "subj", "alchemy_train_dreambooth_mode": "full",
+                   "alchemy_train_dreambooth_instance_prompt": "a photo of sks thing"})
+    text = fn(*[values[b.elem_id] for b in inputs])[0]
+    assert seen and "no model in this test" in text  # the options were read and the job started
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_half_precision_host_model_is_trained_in_float32_and_given_back_in_its_dtype(tmp_path, tiny_checkpoint, keep):
+    """The WebUI holds its model in float16: the run trains float32 master weights (written to the file), and
+    the model ends in its own dtype, bit for bit as loaded unless the trained weights are kept."""
+    with standin_host(tmp_path) as host:
+        extension = _extension(host)
+        sd_model = host.load_model(tiny_checkpoint("sd1"))
+        sd_model.model.to(torch.bfloat16)  # (bfloat16: CPU kernels; the host's float16 takes the same path)
+        make_folder(tmp_path / "inst", n=2, size=(64, 64))
+        before = {k: v.clone() for k, v in sd_model.model.state_dict().items()}
+        p = _run(extension, _options(tmp_path, keep_trained_weights=keep))
+        assert p.state == "done", p.error
+        after = sd_model.model.state_dict()
+        assert all(v.dtype == before[k].dtype for k, v in after.items())
+        assert all(torch.equal(v, before[k]) for k, v in after.items()) != keep
+        written = load_file(str(p.result.final_path))
+        unet = {k: v for k, v in written.items() if k.startswith("model.diffusion_model.")}
+        assert all(v.dtype == torch.float32 for v in unet.values())
+        # float32 masters: the trained values are not all bfloat16 numbers (a bfloat16 weight would be)
+        assert any(not torch.equal(v.to(torch.bfloat16).float(), v) for v in unet.values())

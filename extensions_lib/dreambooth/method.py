@@ -160,20 +160,46 @@ class DreamBoothMethod:
         return None
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 class OriginalWeights:
-    """The parameters of `modules` as they are now; :meth:`restore` puts them back, bit for bit.
+    """The parameters of `modules` as they are now; :meth:`restore` puts them back, bit for bit and in their
+    own dtype.
 
-    The copy (:attr:`saved`) lives in CPU memory, in each tensor's own dtype: on the compute device it would
-    cost a whole second UNet beside the model, its gradients and the optimizer's two moments (the scarce
-    memory), while RAM is plentiful and the copy is read only once. Only parameters are kept (training
-    changes no buffer), and they are put back by name, as a host that parks parts (``--medvram``) may have
-    replaced the parameter objects meanwhile."""
+    The copy (:attr:`saved`, not made when `keep`: the trained weights then stay) lives in CPU memory, in
+    each tensor's own dtype: on the compute device it would cost a whole second UNet beside the model, its
+    gradients and the optimizer's two moments (the scarce memory), while RAM is plentiful and the copy is
+    read only once. Only parameters are kept (training changes no buffer), and they are put back by name,
+    as a host that parks parts (``--medvram``) may have replaced the parameter objects meanwhile.
 
-    def __init__(self, modules: Sequence[torch.nn.Module]):
-        self.saved = [(m, {n: p.detach().to("cpu", copy=True) for n, p in m.named_parameters()}) for m in modules]
+    :meth:`upcast` makes half-precision parameters float32 in place for the run (the WebUI holds its model in
+    float16): an optimizer step of 1e-6 is below float16's resolution of the weights, and the fp16 grad
+    scaler refuses float16 gradients; autocast still computes in half precision. In place, so the device
+    never holds two copies of a weight."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], keep: bool = False):
+        self.modules = list(modules)
+        self.dtypes = [{n: p.dtype for n, p in m.named_parameters()} for m in self.modules]
+        self.saved = [] if keep else \
+            [(m, {n: p.detach().to("cpu", copy=True) for n, p in m.named_parameters()}) for m in self.modules]
+
+    def upcast(self) -> int:
+        """Make the half-precision parameters float32; returns how many there were."""
+        count = 0
+        for module in self.modules:
+            for p in module.parameters():
+                if p.dtype in HALF:
+                    p.data = p.data.float()
+                    count += 1
+        return count
 
     def restore(self) -> None:
         with torch.no_grad():
+            for module, dtypes in zip(self.modules, self.dtypes):
+                for name, p in module.named_parameters():
+                    if name in dtypes and p.dtype != dtypes[name]:
+                        p.data = p.data.to(dtypes[name])
             for module, params in self.saved:
                 for name, p in module.named_parameters():
                     if name in params:
@@ -241,8 +267,9 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
                 layer.train()  # LoRA dropout on; the model itself stays in eval mode
         else:
             trained = [modules["unet"]] + ([modules["text_encoder"]] if options.train_text_encoder else [])
-            if not options.keep_trained_weights:
-                setup.undo_with(OriginalWeights(trained).restore)
+            originals = OriginalWeights(trained, keep=options.keep_trained_weights)
+            setup.undo_with(originals.restore)
+            originals.upcast()
             for m in trained:
                 m.requires_grad_(True)
         if options.gradient_checkpointing:
