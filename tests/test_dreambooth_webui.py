@@ -238,3 +238,13 @@ def test_a_half_precision_host_model_is_trained_in_float32_and_given_back_in_its
         assert all(v.dtype == torch.float32 for v in unet.values())
         # float32 masters: the trained values are not all bfloat16 numbers (a bfloat16 weight would be)
         assert any(not torch.equal(v.to(torch.bfloat16).float(), v) for v in unet.values())
+
+
+def test_full_mode_under_medvram_is_refused_with_the_fix_and_touches_nothing(tmp_path, tiny_checkpoint):
+    with standin_host(tmp_path, medvram=True) as host:
+        extension = _extension(host)
+        host.load_model(tiny_checkpoint("sd1"))
+        make_folder(tmp_path / "inst", n=2, size=(64, 64))
+        p = _run(extension, _options(tmp_path))
+        assert p.state == "failed" and "--medvram" in p.error and "lora" in p.error
+        assert not (tmp_path / "logs").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..errors import AlchemyError
 from ..jobs.training import TrainRequest, describe_training, for_context
 from ..train.loop import TrainResult
 
@@ -14,6 +15,12 @@ def train_dreambooth_file(request: TrainRequest, job) -> TrainResult:
     if options.mode == "full" and "checkpoints" in request.context.folders:  # the host's checkpoint folder
         options = dataclasses.replace(options, checkpoints_dir=str(request.context.folder("checkpoints")))
     adapter = request.context.model()
+    if options.mode == "full" and adapter.moves_parts:
+        # The host would move the UNet out between our calls (and its optimizer state with it): a full
+        # fine-tune needs it resident, with gradients and optimizer state, far beyond what --medvram is for.
+        raise AlchemyError("a full DreamBooth fine-tune cannot run while the WebUI moves model parts in and out "
+                           "of GPU memory (--medvram)",
+                           fix="choose mode 'lora' (little memory), or restart the WebUI without --medvram")
     job.update(message="generating missing class images, then encoding the images")
     result = train_dreambooth(adapter, options, callbacks=[job.train_callback], cancel=job.cancel,
                               say=lambda line: job.update(message=line))

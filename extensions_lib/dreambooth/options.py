@@ -69,7 +69,7 @@ class DreamBoothTrainOptions(TrainingOptions):
     lora_dir: str = option(DEFAULT_LORA_DIR, group=_OUT, ui=False,
                            help="folder LoRA files are written to (the WebUI's --lora-dir)")
     save_fp16: bool = option(False, group=_OUT, help="write float16 weights (half the size)")
-    keep_trained_weights: bool = option(False, group=_OUT, ui=False,
+    keep_trained_weights: bool = option(False, group=_OUT,
                                         help="full mode: leave the trained weights in the loaded model afterwards "
                                              "(default: the original weights are restored)")
     # Shared options with DreamBooth defaults.

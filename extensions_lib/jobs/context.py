@@ -39,8 +39,9 @@ class UIContext:
     templates_dir: extra prompt templates (the WebUI's ``textual_inversion_templates``), or None.
     preview_params: the WebUI's txt2img preview components ([prompt, negative_prompt, steps, sampler_name,
         cfg_scale, seed, width, height]) for "read preview parameters from txt2img"; None standalone.
-    files_changed: called with "embeddings" or "hypernetworks" after we wrote such a file, so the host
-        can reload its own lists (the WebUI's embedding database does not notice a rewritten file).
+    files_changed: called with "embeddings", "hypernetworks", "lora" or "checkpoints" after we wrote such a
+        file, so the host can reload its own lists (the WebUI's embedding database does not notice a
+        rewritten file).
     unsupported: tab key -> why that tab cannot work on this host; the tab then shows the reason.
     defaults: options class -> an instance whose values pre-fill that class's components (settings).
     """
