@@ -2,8 +2,8 @@
 
 In a :class:`~extensions_lib.train.setup.RunSetup` (every model weight frozen first), LoRA mode wraps the
 UNet's transformer layers (and the text encoder's, when asked) with new LoRA layers and trains only those;
-full mode unfreezes the UNet (and the text encoder) and trains its weights, restoring the original weights
-afterwards unless ``keep_trained_weights``. Missing class images are generated first with the model as
+full mode unfreezes the UNet (and the text encoder) and trains its weights in place (half-precision ones as
+float32), restoring the original weights afterwards unless ``keep_trained_weights`` (:class:`OriginalWeights`). Missing class images are generated first with the model as
 loaded. The loss is instance + λ·prior (:mod:`.loss`), with eps or v targets as the model predicts.
 """
 from __future__ import annotations
@@ -170,8 +170,8 @@ class OriginalWeights:
     The copy (:attr:`saved`, not made when `keep`: the trained weights then stay) lives in CPU memory, in
     each tensor's own dtype: on the compute device it would cost a whole second UNet beside the model, its
     gradients and the optimizer's two moments (the scarce memory), while RAM is plentiful and the copy is
-    read only once. Only parameters are kept (training changes no buffer), and they are put back by name,
-    as a host that parks parts (``--medvram``) may have replaced the parameter objects meanwhile.
+    read only once. Only parameters are kept (training changes no buffer), and they are put back by name, so
+    a parameter object a host swapped meanwhile still gets its value.
 
     :meth:`upcast` makes half-precision parameters float32 in place for the run (the WebUI holds its model in
     float16): an optimizer step of 1e-6 is below float16's resolution of the weights, and the fp16 grad
