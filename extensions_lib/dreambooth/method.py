@@ -81,7 +81,8 @@ class DreamBoothMethod:
         if self._ema is None:
             yield
             return
-        saved = [p.detach().clone() for p in self._params]
+        # The live weights wait in CPU memory: a full fine-tune's on the device would be a third UNet there.
+        saved = [p.detach().to("cpu", copy=True) for p in self._params]
         with torch.no_grad():
             for p, e in zip(self._params, self._ema):
                 p.copy_(e)
