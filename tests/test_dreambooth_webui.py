@@ -126,6 +126,14 @@ def test_checkpoint_keys_match_the_standalone_output_and_reload_bit_for_bit(webu
     host_unet = sd_model.model.diffusion_model.unet.state_dict()
     assert all(torch.equal(v, host_unet[k]) for k, v in reloaded.unet.state_dict().items())
     assert not torch.equal(reloaded.unet.conv_in.weight, load_model(tiny_checkpoint(family)).unet.conv_in.weight)
+    # The host's own loader: hijack undone, load_state_dict (strict=False there; here every key must match).
+    hijack = host.sd_hijack.model_hijack
+    hijack.undo_hijack(sd_model)
+    try:
+        result = sd_model.load_state_dict(host_file, strict=False)
+    finally:
+        hijack.hijack(sd_model)
+    assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     cond = torch.randn(1, 77, reloaded.context_dim, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
