@@ -100,6 +100,10 @@ class AlchemyExtension:
                 self.embeddings.reload()
         elif kind == "hypernetworks":
             self.hypernetworks.refresh()
+        elif kind == "lora":
+            from .lora_list import refresh_host_lora_list
+
+            refresh_host_lora_list()
 
     # --- settings --------------------------------------------------------------------------------------
     def on_ui_settings(self) -> None:

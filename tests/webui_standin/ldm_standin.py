@@ -89,20 +89,58 @@ class HostAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def _seq(*modules: nn.Module) -> nn.ModuleList:
+    return nn.ModuleList(list(modules))
+
+
 class UNetModel(nn.Module):
-    """ldm's ``UNetModel`` call signature over a diffusers UNet."""
+    """ldm's ``UNetModel`` call signature over a diffusers UNet, its modules named as ldm names them.
+
+    The diffusers UNet runs the forward, but is not a registered child: its modules are registered under
+    ldm's layout (ldm's ``UNetModel.__init__``: ``input_blocks[0]`` = conv_in; per level ``2`` blocks of
+    [resnet, attention] then a downsampler; ``middle_block`` = [resnet, attention, resnet]; per level
+    ``3`` output blocks of [resnet, attention?, upsampler?]; ``time_embed`` = [Linear, SiLU, Linear];
+    ``out`` = [norm, SiLU, conv]). Attention blocks are the very same objects in both trees and name their
+    insides as ldm's ``SpatialTransformer`` does (proj_in, transformer_blocks.N.attn1.to_q, ff.net.0.proj,
+    ...), so ``sd_model.model.named_modules()`` gives the host's paths there (what its Lora extension
+    names layers by). Inside resnets and samplers the names stay diffusers' (norm1, conv1, ...).
+    """
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet
+        object.__setattr__(self, "_diffusers", unet)  # runs the forward; not in the module tree
         from diffusers.models.attention_processor import Attention
 
         for module in unet.modules():
             if isinstance(module, Attention):
                 module.set_processor(HostAttnProcessor(module.processor))
+        self.time_embed = _seq(unet.time_embedding.linear_1, nn.SiLU(), unet.time_embedding.linear_2)
+        self.input_blocks = nn.ModuleList([_seq(unet.conv_in)])
+        for block in unet.down_blocks:
+            attentions = getattr(block, "attentions", None) or []
+            for j, resnet in enumerate(block.resnets):
+                self.input_blocks.append(_seq(resnet, *([attentions[j]] if attentions else [])))
+            for sampler in block.downsamplers or []:
+                self.input_blocks.append(_seq(sampler))
+        mid = unet.mid_block
+        self.middle_block = _seq(mid.resnets[0], mid.attentions[0], mid.resnets[1])
+        self.output_blocks = nn.ModuleList()
+        for block in unet.up_blocks:
+            attentions = getattr(block, "attentions", None) or []
+            for j, resnet in enumerate(block.resnets):
+                last = j == len(block.resnets) - 1 and block.upsamplers
+                self.output_blocks.append(_seq(resnet, *([attentions[j]] if attentions else []),
+                                               *(block.upsamplers if last else [])))
+        self.out = _seq(unet.conv_norm_out, nn.SiLU(), unet.conv_out)
+        mine, theirs = {id(p) for p in self.parameters()}, {id(p) for p in unet.parameters()}
+        assert mine == theirs, "the ldm-named tree must hold every UNet parameter exactly once"
+
+    @property
+    def unet(self):
+        return self._diffusers
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        return self.unet(x, timesteps, encoder_hidden_states=context).sample
+        return self._diffusers(x, timesteps, encoder_hidden_states=context).sample
 
 
 class DiffusionWrapper(nn.Module):
