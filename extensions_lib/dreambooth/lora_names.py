@@ -25,7 +25,7 @@ UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
 MHA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-_UNET_BLOCK = re.compile(r"diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.1\.(.+)$")
+_UNET_BLOCK = re.compile(r"diffusion_model\.(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\.(.+)$")
 _UNET_INNER = re.compile(r"(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0)|ff\.net\.(0\.proj|2)))$")
 _SD1_TE = re.compile(r"transformer\.text_model\.(encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]))$")
 _SD2_TE_MLP = re.compile(r"model\.transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)$")
@@ -40,11 +40,12 @@ def unet_kohya_name(path: str) -> str | None:
     """The kohya name of an LDM UNet module path (relative to ``sd_model.model``), or None when the module
     is not one a kohya LoRA trains (attention/MLP/projection layers of the transformer blocks)."""
     m = _UNET_BLOCK.match(path)
-    if m is None or _UNET_INNER.match(m.group(3)) is None:
+    if m is None or _UNET_INNER.match(m.group(2)) is None:
         return None
-    kind, index, inner = m.group(1), int(m.group(2)), _underscored(m.group(3))
-    if kind == "middle_block":
+    block, inner = m.group(1), _underscored(m.group(2))
+    if block == "middle_block":
         return f"{UNET_PREFIX}mid_block_attentions_0_{inner}"
+    kind, index = block.split(".")[0], int(block.split(".")[1])
     if kind == "input_blocks":
         if index < 1 or (index - 1) % 3 == 2:
             return None  # input_blocks.0 is conv_in; every third block is a downsampler
