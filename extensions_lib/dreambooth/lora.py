@@ -7,7 +7,9 @@ file (kohya, what the WebUI's built-in Lora extension reads) names each layer by
 
 :func:`attach_lora` swaps the layers for :class:`LoraLayer` wrappers and returns a :class:`LoraPatch`
 whose ``remove()`` puts the very same original modules back (outputs then equal the unpatched ones
-exactly). The patching of model modules for LoRA lives here only.
+exactly). It works on the standalone diffusers/transformers model and, inside the WebUI, on the host's
+own LDM modules, named by :mod:`.lora_names` (SD2's OpenCLIP attention through
+:class:`MultiheadAttentionLora`). The patching of model modules for LoRA lives here only.
 """
 from __future__ import annotations
 

@@ -60,9 +60,11 @@ def standin_host(data_dir: Path, *, medvram: bool = False, missing: tuple[str, .
             sys.path.insert(0, str(STANDIN_DIR / "lora_ext"))
             try:
                 ns.networks = importlib.import_module("networks")
+                ns.networks.list_available_networks()
+            except ImportError:  # a host missing what the extension imports: it fails to load there too
+                ns.networks = None
             finally:
                 sys.path.remove(str(STANDIN_DIR / "lora_ext"))
-            ns.networks.list_available_networks()
         ns.extra_networks.initialize()
         ns.extra_networks.register_default_extra_networks()
         ns.shared.reload_hypernetworks()
