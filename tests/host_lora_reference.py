@@ -1,6 +1,8 @@
 """An independent re-statement, for tests, of how the WebUI v1.10.1 built-in Lora extension
 (``extensions-builtin/Lora``) finds, names, loads and applies a kohya LoRA file. Deliberately NOT using
-extensions_lib. Checked against the v1.10.1 source (read for facts; line numbers approximate):
+extensions_lib. Checked against the v1.10.1 source (read for facts; function names exact, line numbers
+approximate, ±30). v1.10.1 has no ``lora_convert.py`` (that file is SD.Next's): the name conversion lives in
+``networks.py``.
 
 - ``networks.py`` ``assign_network_names_to_compvis_modules`` (≈ l.122-147): every module of
   ``cond_stage_model.wrapped`` (or ``cond_stage_model`` itself when it has no ``.wrapped``) and of
@@ -31,13 +33,13 @@ extensions_lib. Checked against the v1.10.1 source (read for facts; line numbers
   to the module weight's shape when the element counts agree. ``NetworkOnDisk`` (≈ l.20-75): ``alias`` =
   metadata ``ss_output_name`` or the file name; ``detect_version``: ``ss_base_model_version`` starting
   ``sdxl_`` → SDXL, ``ss_v2 == "True"`` → SD2, any other metadata → SD1, none → Unknown.
-- ``networks.py`` ``network_apply_weights`` (≈ l.395-490): when a layer's forward runs, the entry under
+- ``networks.py`` ``network_apply_weights`` (≈ l.420-520): when a layer's forward runs, the entry under
   its own name changes ``weight`` (a shape that still does not fit raises, is caught and counted as an
   error: the layer stays unchanged); a ``MultiheadAttention`` takes ``<name>_q_proj``, ``_k_proj``,
   ``_v_proj`` *and* ``_out_proj`` together (q/k/v stacked onto ``in_proj_weight``, out onto
   ``out_proj.weight``) and nothing when one is missing. ``out_proj``'s own forward never runs (the
   attention reads its weight), so its entry acts only through the attention. -> :func:`weight_changes`.
-- ``networks.py`` ``process_network_files``/``list_available_networks`` (≈ l.560-600): files ``*.pt``,
+- ``networks.py`` ``process_network_files``/``list_available_networks`` (≈ l.660-710): files ``*.pt``,
   ``*.ckpt``, ``*.safetensors`` anywhere under ``--lora-dir``, named by file stem.
 - ``ui_extra_networks_lora.py`` ``create_item``: with an SD2 model loaded, cards of networks whose
   detected version is not SD2 are hidden (likewise SD1/SDXL) unless "show all". -> :func:`shown_for`.

@@ -14,17 +14,9 @@ from extensions_lib.dreambooth.lora import attach_lora
 from extensions_lib.host.lora_list import refresh_host_lora_list
 from extensions_lib.host.webui_adapter import WebUIModelAdapter
 from host_lora_reference import HostRefuses, apply_to_model, load_network, names_of_model, read_metadata, shown_for
+from test_dreambooth_lora import _outputs  # fixed latents/tokens through any adapter
 from train_fakes import make_folder
 from webui_standin.harness import standin_host
-
-
-def _outputs(adapter):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    tokens = torch.randint(0, 49000, (2, 77), generator=g)
-    with torch.no_grad():
-        cond = adapter.encode_token_chunks(tokens)
-        return cond, adapter.predict(x, torch.tensor([10, 700]), cond)
 
 
 def _parts(sd_model):
