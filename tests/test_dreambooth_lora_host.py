@@ -125,7 +125,7 @@ def test_lora_trained_in_the_host_loads_there_and_matches_our_patch(tmp_path, ti
             assert tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"].abs().max() > 0
 
         # Ours: the trained layers on the host's model (same attach, weights from the file).
-        patch = attach_lora(_parts(sd_model), rank=2, alpha=3.0)
+        patch = attach_lora(_parts(sd_model), rank=2, alpha=3.0, device="cpu")
         try:
             with torch.no_grad():
                 for name, layer in patch.layers.items():
@@ -141,6 +141,25 @@ def test_lora_trained_in_the_host_loads_there_and_matches_our_patch(tmp_path, ti
         assert not torch.allclose(hosts[1], before[1], atol=1e-4)
         torch.testing.assert_close(ours[0], hosts[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours[1], hosts[1], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_trains_in_a_medvram_host(tmp_path, tiny_checkpoint):
+    """--medvram: the UNet and the text encoder are parked away from the device by turns (the stand-in
+    parks them as meta tensors); the LoRA layers travel with their part and the file holds trained weights."""
+    with standin_host(tmp_path, medvram=True) as host:
+        extension = _extension(host)
+        sd_model = host.load_model(tiny_checkpoint("sd1"))
+        adapter = WebUIModelAdapter(sd_model, "cpu")
+        before = _outputs(adapter)
+        result = _train(host, extension, make_folder(tmp_path / "inst", 1), "sd1", steps=2)
+        assert host.lowvram.moves.count("DiffusionWrapper") >= 3  # the UNet (with the LoRA) was parked and back
+        tensors = load_file(str(result.final_path))
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+        assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
+        matched, failed = load_network(tensors, names_of_model(sd_model.cond_stage_model, sd_model.model))
+        assert failed == {} and len(matched) == len(tensors) // 3
+        after = _outputs(adapter)
+        assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
 
 
 def test_lora_job_without_the_hosts_lora_extension(tmp_path, tiny_checkpoint):

@@ -81,7 +81,7 @@ class LoraLayer(LoraPart):
     """`base` plus a low-rank update. The base layer is kept as is (frozen by the run set-up)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, multiplier: float = 1.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, device: torch.device | None = None):
         inner = _innermost(base)
         if isinstance(inner, nn.Linear):
             features, conv = (inner.in_features, inner.out_features), False
@@ -90,7 +90,7 @@ class LoraLayer(LoraPart):
         else:
             raise TypeError(f"LoRA supports Linear and 1x1 Conv2d layers, not {type(inner).__name__}")
         super().__init__(*features, rank, alpha, conv=conv, dropout=dropout, multiplier=multiplier,
-                         device=inner.weight.device, generator=generator)
+                         device=device or inner.weight.device, generator=generator)
         self.base = base
 
     @property
@@ -113,12 +113,13 @@ class MultiheadAttentionLora(nn.Module):
     which is what the host computes when it merges kohya's four ``self_attn_*_proj`` layers. (LoRA dropout
     does not apply here: the change is to the weights.)"""
 
-    def __init__(self, base: nn.MultiheadAttention, rank: int, alpha: float, generator: torch.Generator | None = None):
+    def __init__(self, base: nn.MultiheadAttention, rank: int, alpha: float, generator: torch.Generator | None = None,
+                 device: torch.device | None = None):
         super().__init__()
         if not base._qkv_same_embed_dim or base.in_proj_weight is None:
             raise TypeError("LoRA supports MultiheadAttention with one stacked in_proj_weight only")
         self.base = base
-        width, device = base.embed_dim, base.in_proj_weight.device
+        width, device = base.embed_dim, device or base.in_proj_weight.device
         self.parts = nn.ModuleDict({name: LoraPart(width, width, rank, alpha, device=device, generator=generator)
                                     for name in ("q", "k", "v", "out")})
 
@@ -180,9 +181,21 @@ class LoraPatch:
 
     layers: dict[str, LoraPart] = field(default_factory=dict)
     _undo: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    _weights: dict[str, tuple[nn.Parameter, nn.Parameter]] = field(default_factory=dict)
+    """(down, up) of each layer as made. Kept because a host that parks a model part away from the device
+    (the WebUI's --medvram) may put other tensors in the modules' places meanwhile; the parameter objects
+    themselves are moved in place and are what the optimizer holds."""
+
+    def add(self, name: str, layer: LoraPart) -> None:
+        self.layers[name] = layer
+        self._weights[name] = (layer.down.weight, layer.up.weight)
+
+    def _pair(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        layer = self.layers[name]
+        return self._weights.get(name) or (layer.down.weight, layer.up.weight)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in (layer.down.weight, layer.up.weight)]
+        return [p for name in self.layers for p in self._pair(name)]
 
     def set_multiplier(self, value: float) -> None:
         for layer in self.layers.values():
@@ -193,12 +206,13 @@ class LoraPatch:
             root, path, original = self._undo.pop()
             _swap(root, path, original)
         self.layers.clear()
+        self._weights.clear()
 
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The kohya-format tensors of every layer (`dtype`: e.g. float16 for a half file)."""
         out = {}
         for name, layer in self.layers.items():
-            for part, tensor in (("lora_down.weight", layer.down.weight), ("lora_up.weight", layer.up.weight)):
+            for part, tensor in zip(("lora_down.weight", "lora_up.weight"), self._pair(name)):
                 t = tensor.detach().cpu()
                 out[f"{name}.{part}"] = (t.to(dtype) if dtype is not None else t).contiguous()
             out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=dtype or torch.float32)
@@ -230,11 +244,13 @@ def _plain_target(layer: nn.Module) -> bool:
 
 
 def attach_lora(parts: dict[str, nn.Module], rank: int, alpha: float, dropout: float = 0.0,
-                seed: int = 0) -> LoraPatch:
+                seed: int = 0, device: torch.device | None = None) -> LoraPatch:
     """Wrap the target layers of ``parts["unet"]`` (and ``parts["text_encoder"]`` when given) with new
     LoRA layers (zero update; initial down weights drawn from `seed`). The parts are a diffusers UNet and
     a transformers text encoder (standalone), or the WebUI's ``sd_model.model`` and ``cond_stage_model``
-    (LDM, named as the host's Lora extension names them)."""
+    (LDM, named as the host's Lora extension names them). device: where the LoRA weights are made (default:
+    beside each layer's weight); with the WebUI's --medvram the layers may be parked away from the device
+    at this moment, and the new weights then travel with their part like its own."""
     patch = LoraPatch()
     generator = torch.Generator().manual_seed(seed)
     unet = parts.get("unet")
@@ -247,12 +263,12 @@ def attach_lora(parts: dict[str, nn.Module], rank: int, alpha: float, dropout: f
                    if parts.get(key) is not None for path, layer in lora_targets(parts[key], blocks)]
     for name, root, path, layer in targets:
         if isinstance(layer, nn.MultiheadAttention):
-            wrapped = MultiheadAttentionLora(layer, rank, alpha, generator=generator)
+            wrapped = MultiheadAttentionLora(layer, rank, alpha, generator=generator, device=device)
             for kohya, part in zip(name.split("|"), wrapped.parts.values()):
-                patch.layers[kohya] = part
+                patch.add(kohya, part)
         else:
-            wrapped = LoraLayer(layer, rank, alpha, dropout, generator=generator)
-            patch.layers[name] = wrapped
+            wrapped = LoraLayer(layer, rank, alpha, dropout, generator=generator, device=device)
+            patch.add(name, wrapped)
         _swap(root, path, wrapped)
         patch._undo.append((root, path, layer))
     if not patch.layers:

@@ -217,7 +217,8 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
             parts = {"unet": modules["unet"]}
             if options.train_text_encoder:
                 parts["text_encoder"] = modules["text_encoder"]
-            lora = attach_lora(parts, options.lora_rank, options.lora_alpha, options.lora_dropout, seed=options.seed)
+            lora = attach_lora(parts, options.lora_rank, options.lora_alpha, options.lora_dropout, seed=options.seed,
+                               device=adapter.device)
             setup.undo_with(lora.remove)
             for layer in lora.layers.values():
                 layer.train()  # LoRA dropout on; the model itself stays in eval mode
