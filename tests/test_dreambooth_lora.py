@@ -106,3 +106,27 @@ def test_txt2img_applies_lora_files(tmp_path, tiny_model, tiny_checkpoint, capsy
         with pytest.raises(AlchemyError, match=message):
             with loras_applied(model, [bad], tmp_path / "Lora"):
                 pass
+
+
+def test_foreign_lora_parts_apply_as_the_host_applies_them(tmp_path, tiny_model, tiny_checkpoint):
+    """A ``scale`` part replaces alpha/rank; on SD2 an attention missing one of q/k/v/out is not changed at
+    all by the host (it merges the four into OpenCLIP's attention), so txt2img --lora leaves it out too."""
+    model = tiny_model("sd2")
+    path = tmp_path / "foreign.safetensors"
+    _trained_lora_file(model, path)
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.startswith("lora_te_text_model_encoder_layers_0_self_attn_k_proj.")]:
+        del tensors[key]
+    tensors["lora_unet_down_blocks_0_attentions_0_proj_in.scale"] = torch.tensor(0.25)
+    merged_path = tmp_path / "merged.safetensors"
+    save_file(merged_state_dict(load_file(str(tiny_checkpoint("sd2"))), tensors, 1.0), str(merged_path))
+    host = _outputs(load_model(merged_path))
+    patch, missing = apply_lora_file({"unet": model.unet, "text_encoder": model.text_encoder}, tensors, 1.0,
+                                     family="sd2")
+    try:
+        ours = _outputs(model)
+    finally:
+        patch.remove()
+    assert sorted(missing) == [f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj" for p in ("out", "q", "v")]
+    torch.testing.assert_close(ours[0], host[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1], host[1], rtol=1e-4, atol=1e-5)

@@ -289,13 +289,25 @@ def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def apply_lora_file(parts: dict[str, nn.Module], tensors: dict[str, torch.Tensor], multiplier: float,
-                    path: Path | None = None) -> tuple[LoraPatch, list[str]]:
+                    path: Path | None = None, family: str = "sd1") -> tuple[LoraPatch, list[str]]:
     """Apply a kohya LoRA (its tensors) at `multiplier` to the layers it names; (patch, names not found).
-    Layers of other kinds (conv LoRA, LoCon) are reported as not found."""
+    Layers of other kinds (conv LoRA, LoCon) are reported as not found. As the WebUI does: a ``scale`` part
+    replaces alpha/rank, and on SD2 a text-encoder attention changes only when its q, k, v and out
+    projections all come (the host merges them into one OpenCLIP attention); otherwise they are left out."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
         groups.setdefault(name, {})[part] = tensor
+    if family == "sd2":
+        attentions: dict[str, set[str]] = {}
+        for name in groups:
+            stem, sep, proj = name.rpartition("_self_attn_")
+            if sep and stem.startswith(TE_PREFIX):
+                attentions.setdefault(stem, set()).add(proj)
+        incomplete = {f"{stem}_self_attn_{p}" for stem, projs in attentions.items()
+                      if projs != set(lora_names.MHA_PROJECTIONS) for p in projs}
+    else:
+        incomplete = set()
     layers = {}
     for key, prefix, blocks in (("unet", UNET_PREFIX, UNET_TARGET_BLOCKS), ("text_encoder", TE_PREFIX, TE_TARGET_BLOCKS)):
         root = parts.get(key)
@@ -306,14 +318,15 @@ def apply_lora_file(parts: dict[str, nn.Module], tensors: dict[str, torch.Tensor
     patch, missing = LoraPatch(), []
     for name, w in sorted(groups.items()):
         found = layers.get(name)
-        if found is None or "lora_down.weight" not in w or "lora_up.weight" not in w:
+        if found is None or "lora_down.weight" not in w or "lora_up.weight" not in w or name in incomplete:
             missing.append(name)
             continue
         root, sub, layer = found
         down, up = w["lora_down.weight"], w["lora_up.weight"]
         rank = down.shape[0]
         try:
-            wrapped = LoraLayer(layer, rank, float(w["alpha"]) if "alpha" in w else rank, multiplier=multiplier)
+            alpha = float(w["scale"]) * rank if "scale" in w else float(w["alpha"]) if "alpha" in w else rank
+            wrapped = LoraLayer(layer, rank, alpha, multiplier=multiplier)
             with torch.no_grad():
                 wrapped.down.weight.copy_(down.reshape(wrapped.down.weight.shape))
                 wrapped.up.weight.copy_(up.reshape(wrapped.up.weight.shape))
