@@ -206,3 +206,23 @@ def test_restated_loader_refuses_what_the_host_refuses():
     with pytest.raises(HostRefuses, match="unsupported type"):  # a LoRA on a norm layer
         load_network({"lora_unet_down_blocks_0_resnets_0_norm1.lora_down.weight": torch.ones(2, 8),
                       "lora_unet_down_blocks_0_resnets_0_norm1.lora_up.weight": torch.ones(8, 2)}, names)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_standalone_and_host_training_write_the_same_layers(tmp_path, tiny_checkpoint, tiny_model, family):
+    """A LoRA trained with `alchemy dreambooth train` and one trained inside the WebUI name and shape the same
+    layers, so either file serves both (`txt2img --lora` and `<lora:...>`)."""
+    model = tiny_model(family)
+    patch = attach_lora({"unet": model.unet, "text_encoder": model.text_encoder}, rank=2, alpha=2.0)
+    try:
+        standalone = {k: tuple(v.shape) for k, v in patch.state_dict().items()}
+    finally:
+        patch.remove()
+    with standin_host(tmp_path) as host:
+        sd_model = host.load_model(tiny_checkpoint(family))
+        patch = attach_lora(_parts(sd_model), rank=2, alpha=2.0)
+        try:
+            hosted = {k: tuple(v.shape) for k, v in patch.state_dict().items()}
+        finally:
+            patch.remove()
+    assert hosted == standalone
