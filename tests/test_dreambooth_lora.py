@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from extensions_lib.backend.standalone import load_model
 from extensions_lib.dreambooth.files import save_lora
 from extensions_lib.dreambooth.lora import apply_lora_file, attach_lora, load_lora_file
-from host_lora_reference import load_network, merged_state_dict
+from host_lora_reference import load_network, merged_state_dict, names_of_checkpoint
 
 
 def _outputs(model):
@@ -48,14 +48,16 @@ def test_lora_file_follows_the_hosts_rules_and_matches_its_merge(tmp_path, tiny_
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.") for k in tensors)
     assert any(k.startswith("lora_te_text_model_encoder_layers_1_mlp_fc2.") for k in tensors)
     ldm = load_file(str(tiny_checkpoint(family)))
-    matched, failed = load_network(tensors, ldm.keys())
-    assert failed == []
+    names = names_of_checkpoint(ldm.keys(), {k: tuple(v.shape) for k, v in ldm.items()})
+    matched, failed = load_network(tensors, names)
+    assert failed == {}
     assert len(matched) == layers
     for entry in matched.values():
-        down, up = entry["parts"]["lora_down.weight"], entry["parts"]["lora_up.weight"]
-        assert down.shape[0] == up.shape[1] == 2 and float(entry["parts"]["alpha"]) == 3.0
-    kinds = {e["target"].split(".")[0] + ("/qkv" if e["qkv"] else "") for e in matched.values()}
-    assert "model" in kinds and "cond_stage_model" in kinds
+        assert entry.down.shape[0] == entry.up.shape[1] == 2 and entry.scale() == 3.0 / 2
+    kinds = {(e.sd_key.startswith("diffusion_model"), e.layer.kind) for e in matched.values()}
+    assert (True, "linear") in kinds and (False, "linear") in kinds
+    assert ((False, "mha") in kinds) == (family == "sd2")  # SD2's q/k/v land on OpenCLIP's attention
+    assert ((True, "conv") in kinds) == (family == "sd1")  # SD1's proj_in/proj_out are 1x1 convs
 
     # The host's merge of the file at 0.7 and our patch at 0.7 give the same model.
     merged_path = tmp_path / "merged.safetensors"
@@ -104,3 +106,27 @@ def test_txt2img_applies_lora_files(tmp_path, tiny_model, tiny_checkpoint, capsy
         with pytest.raises(AlchemyError, match=message):
             with loras_applied(model, [bad], tmp_path / "Lora"):
                 pass
+
+
+def test_foreign_lora_parts_apply_as_the_host_applies_them(tmp_path, tiny_model, tiny_checkpoint):
+    """A ``scale`` part replaces alpha/rank; on SD2 an attention missing one of q/k/v/out is not changed at
+    all by the host (it merges the four into OpenCLIP's attention), so txt2img --lora leaves it out too."""
+    model = tiny_model("sd2")
+    path = tmp_path / "foreign.safetensors"
+    _trained_lora_file(model, path)
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.startswith("lora_te_text_model_encoder_layers_0_self_attn_k_proj.")]:
+        del tensors[key]
+    tensors["lora_unet_down_blocks_0_attentions_0_proj_in.scale"] = torch.tensor(0.25)
+    merged_path = tmp_path / "merged.safetensors"
+    save_file(merged_state_dict(load_file(str(tiny_checkpoint("sd2"))), tensors, 1.0), str(merged_path))
+    host = _outputs(load_model(merged_path))
+    patch, missing = apply_lora_file({"unet": model.unet, "text_encoder": model.text_encoder}, tensors, 1.0,
+                                     family="sd2")
+    try:
+        ours = _outputs(model)
+    finally:
+        patch.remove()
+    assert sorted(missing) == [f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj" for p in ("out", "q", "v")]
+    torch.testing.assert_close(ours[0], host[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1], host[1], rtol=1e-4, atol=1e-5)

@@ -43,7 +43,7 @@ def loras_applied(adapter, specs: Sequence[str], folder: Path,
         for spec in specs:
             name, weight = parse_lora_arg(spec)
             path = find_lora(folder, name)
-            patch, missing = apply_lora_file(parts, load_lora_file(path), weight, path)
+            patch, missing = apply_lora_file(parts, load_lora_file(path), weight, path, family=adapter.family)
             patches.append(patch)
             if missing:
                 warn(f"{path}: {len(missing)} layers do not occur in this model or are not plain LoRA "

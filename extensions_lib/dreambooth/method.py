@@ -28,7 +28,7 @@ from .concepts import concepts_from_options
 from .distributed import Shard, average_gradients, barrier
 from .data import DreamBoothData, PriorBatch, build_dreambooth_data
 from .files import metadata, save_checkpoint, save_lora
-from .lora import LoraPatch, attach_lora
+from .lora import LoraPatch, attach_lora, kohya_metadata
 from .loss import dreambooth_loss
 from .memory import adamw_class, checkpointing
 from .options import DreamBoothTrainOptions
@@ -153,7 +153,9 @@ class DreamBoothMethod:
         meta = metadata(self.provenance, self.options, {"alchemy_step": str(step)})
         with self._ema_weights():
             if self.lora is not None:
-                save_lora(self.lora, path, meta, fp16=self.options.save_fp16)
+                o = self.options
+                meta.update(kohya_metadata(self.adapter.family, self.name, o.lora_rank, o.lora_alpha))
+                save_lora(self.lora, path, meta, fp16=o.save_fp16)
             else:
                 save_checkpoint(self.adapter, path, meta, fp16=self.options.save_fp16)
 
@@ -262,7 +264,8 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
             parts = {"unet": modules["unet"]}
             if options.train_text_encoder:
                 parts["text_encoder"] = modules["text_encoder"]
-            lora = attach_lora(parts, options.lora_rank, options.lora_alpha, options.lora_dropout, seed=options.seed)
+            lora = attach_lora(parts, options.lora_rank, options.lora_alpha, options.lora_dropout, seed=options.seed,
+                               device=adapter.device)
             setup.undo_with(lora.remove)
             for layer in lora.layers.values():
                 layer.train()  # LoRA dropout on; the model itself stays in eval mode

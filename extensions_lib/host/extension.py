@@ -111,6 +111,10 @@ class AlchemyExtension:
             list_models = getattr(self.h.sd_models, "list_models", None)
             if callable(list_models):  # the checkpoint dropdown's refresh button then shows the new file
                 list_models()
+        elif kind == "lora":
+            from .lora_list import refresh_host_lora_list
+
+            refresh_host_lora_list()
 
     # --- settings --------------------------------------------------------------------------------------
     def on_ui_settings(self) -> None:

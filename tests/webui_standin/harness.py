@@ -23,16 +23,19 @@ MODULES = ("shared", "script_callbacks", "scripts", "sd_models", "sd_hijack", "c
 
 
 def _purge() -> None:
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+    for name in [n for n in sys.modules if n in ("modules", "networks") or n.startswith("modules.")]:
         del sys.modules[name]
 
 
 @contextlib.contextmanager
-def standin_host(data_dir: Path, *, medvram: bool = False, missing: tuple[str, ...] = ()) -> Iterator[SimpleNamespace]:
+def standin_host(data_dir: Path, *, medvram: bool = False, missing: tuple[str, ...] = (),
+                 lora_extension: bool = True) -> Iterator[SimpleNamespace]:
     """A stand-in host rooted at `data_dir`.
 
     medvram: simulate ``--medvram``. missing: names of ``script_callbacks`` registrars (e.g.
     ``"on_ui_train_tabs"``) or whole modules (``"modules.call_queue"``) this host lacks, to test fail-soft.
+    lora_extension: whether the built-in Lora extension is loaded (its ``--lora-dir`` option and
+    ``networks`` module, ``ns.networks``), as in a stock WebUI.
     """
     _purge()
     old_env = os.environ.get("STANDIN_DATA_PATH")
@@ -51,6 +54,17 @@ def standin_host(data_dir: Path, *, medvram: bool = False, missing: tuple[str, .
             sys.modules[name] = None  # makes "import modules.x" raise ImportError, as on a host without it
             if hasattr(sys.modules["modules"], name.split(".", 1)[1]):
                 delattr(sys.modules["modules"], name.split(".", 1)[1])
+        ns.networks = None
+        if lora_extension:  # its preload.py adds --lora-dir; its script imports networks at start-up
+            ns.shared.cmd_opts.lora_dir = os.path.join(ns.shared.models_path, "Lora")
+            sys.path.insert(0, str(STANDIN_DIR / "lora_ext"))
+            try:
+                ns.networks = importlib.import_module("networks")
+                ns.networks.list_available_networks()
+            except ImportError:  # a host missing what the extension imports: it fails to load there too
+                ns.networks = None
+            finally:
+                sys.path.remove(str(STANDIN_DIR / "lora_ext"))
         ns.extra_networks.initialize()
         ns.extra_networks.register_default_extra_networks()
         ns.shared.reload_hypernetworks()

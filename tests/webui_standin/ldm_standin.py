@@ -53,7 +53,7 @@ class AutoencoderKL(nn.Module):
         self.encoder, self.decoder = vae.encoder, vae.decoder
         self.quant_conv, self.post_quant_conv = vae.quant_conv, vae.post_quant_conv
         if layout is not None:
-            _ldm_state_dict_names(self, "vae", "", layout)
+            _ldm_state_dict_names(self, "vae", lambda wrapper: vae, layout)
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
@@ -93,45 +93,96 @@ class HostAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _ldm_names(component, inner, layout, module, state_dict, prefix, local_metadata):
-    """state_dict hook: the diffusers modules under ``prefix + inner`` named as ldm's modules are, so
-    ``sd_model.state_dict()`` has a real host's LDM keys (what the WebUI's checkpoint loader reads)."""
+def _key_pairs(module: nn.Module, diffusers_module: nn.Module) -> dict[str, str]:
+    """{key in `module`'s state dict: the same tensor's key in `diffusers_module`'s}, paired by identity (the
+    wrapper registers the diffusers modules under other names, or under ldm's layout)."""
+    theirs = {id(t): k for k, t in [*diffusers_module.named_parameters(), *diffusers_module.named_buffers()]}
+    return {k: theirs[id(t)] for k, t in [*module.named_parameters(), *module.named_buffers()] if id(t) in theirs}
+
+
+def _ldm_names(component, diffusers_of, layout, module, state_dict, prefix, local_metadata):
+    """state_dict hook: every UNet/VAE key named as in a real host's LDM model (via the diffusers key of the
+    same tensor and the checkpoint key map), so ``sd_model.state_dict()`` has what the WebUI's loader reads."""
     base = keymap.UNET_PREFIX if component == "unet" else keymap.VAE_PREFIX
-    for key in [k for k in state_dict if k.startswith(prefix + inner)]:
-        piece = keymap.diffusers_to_ldm(component, key[len(prefix + inner):], layout)
-        state_dict[prefix + piece.key[len(base):]] = keymap.to_ldm_tensor(state_dict.pop(key), piece)
+    pairs = _key_pairs(module, diffusers_of(module))
+    for local, diffusers_key in pairs.items():
+        if prefix + local in state_dict:
+            piece = keymap.diffusers_to_ldm(component, diffusers_key, layout)
+            state_dict[prefix + piece.key[len(base):]] = keymap.to_ldm_tensor(state_dict.pop(prefix + local), piece)
 
 
-def _from_ldm_names(component, inner, layout, state_dict, prefix, *args):
+def _from_ldm_names(component, diffusers_of, layout, module, state_dict, prefix, *args):
     """load_state_dict pre-hook, the inverse of :func:`_ldm_names` (the host loads LDM state dicts)."""
     base = keymap.UNET_PREFIX if component == "unet" else keymap.VAE_PREFIX
-    for key in [k for k in state_dict if k.startswith(prefix) and not (inner and k.startswith(prefix + inner))]:
-        tensor = state_dict.pop(key)
-        for piece in keymap.ldm_to_diffusers(base + key[len(prefix):], layout):
-            state_dict[prefix + inner + piece.key] = keymap.to_diffusers_tensor(tensor, piece)
+    local_of = {d: k for k, d in _key_pairs(module, diffusers_of(module)).items()}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        pieces = keymap.ldm_to_diffusers(base + key[len(prefix):], layout)
+        if pieces and all(p.key in local_of for p in pieces):
+            tensor = state_dict.pop(key)
+            for piece in pieces:
+                state_dict[prefix + local_of[piece.key]] = keymap.to_diffusers_tensor(tensor, piece)
 
 
-def _ldm_state_dict_names(module: nn.Module, component: str, inner: str, layout) -> None:
-    module._register_state_dict_hook(functools.partial(_ldm_names, component, inner, layout))
-    module._register_load_state_dict_pre_hook(functools.partial(_from_ldm_names, component, inner, layout))
+def _ldm_state_dict_names(module: nn.Module, component: str, diffusers_of, layout) -> None:
+    module._register_state_dict_hook(functools.partial(_ldm_names, component, diffusers_of, layout))
+    module._register_load_state_dict_pre_hook(
+        functools.partial(_from_ldm_names, component, diffusers_of, layout), with_module=True)
+
+
+def _seq(*modules: nn.Module) -> nn.ModuleList:
+    return nn.ModuleList(list(modules))
 
 
 class UNetModel(nn.Module):
-    """ldm's ``UNetModel`` call signature over a diffusers UNet (state dict in ldm's key names)."""
+    """ldm's ``UNetModel`` call signature over a diffusers UNet, its modules named as ldm names them.
+
+    The diffusers UNet runs the forward, but is not a registered child: its modules are registered under
+    ldm's layout (ldm's ``UNetModel.__init__``: ``input_blocks[0]`` = conv_in; per level ``2`` blocks of
+    [resnet, attention] then a downsampler; ``middle_block`` = [resnet, attention, resnet]; per level
+    ``3`` output blocks of [resnet, attention?, upsampler?]; ``time_embed`` = [Linear, SiLU, Linear];
+    ``out`` = [norm, SiLU, conv]). Attention blocks are the very same objects in both trees and name their
+    insides as ldm's ``SpatialTransformer`` does (proj_in, transformer_blocks.N.attn1.to_q, ff.net.0.proj,
+    ...), so ``sd_model.model.named_modules()`` gives the host's paths there (what its Lora extension
+    names layers by). Inside resnets and samplers the names stay diffusers' (norm1, conv1, ...).
+    """
 
     def __init__(self, unet, layout=None):
         super().__init__()
-        self.unet = unet
-        if layout is not None:
-            _ldm_state_dict_names(self, "unet", "unet.", layout)
+        object.__setattr__(self, "_diffusers", unet)  # runs the forward; not in the module tree
         from diffusers.models.attention_processor import Attention
 
         for module in unet.modules():
             if isinstance(module, Attention):
                 module.set_processor(HostAttnProcessor(module.processor))
+        self.time_embed = _seq(unet.time_embedding.linear_1, nn.SiLU(), unet.time_embedding.linear_2)
+        self.input_blocks = nn.ModuleList([_seq(unet.conv_in)])
+        for block in unet.down_blocks:
+            attentions = getattr(block, "attentions", None) or []
+            for j, resnet in enumerate(block.resnets):
+                self.input_blocks.append(_seq(resnet, *([attentions[j]] if attentions else [])))
+            for sampler in block.downsamplers or []:
+                self.input_blocks.append(_seq(sampler))
+        mid = unet.mid_block
+        self.middle_block = _seq(mid.resnets[0], mid.attentions[0], mid.resnets[1])
+        self.output_blocks = nn.ModuleList()
+        for block in unet.up_blocks:
+            attentions = getattr(block, "attentions", None) or []
+            for j, resnet in enumerate(block.resnets):
+                last = j == len(block.resnets) - 1 and block.upsamplers
+                self.output_blocks.append(_seq(resnet, *([attentions[j]] if attentions else []),
+                                               *(block.upsamplers if last else [])))
+        self.out = _seq(unet.conv_norm_out, nn.SiLU(), unet.conv_out)
+        mine, theirs = {id(p) for p in self.parameters()}, {id(p) for p in unet.parameters()}
+        assert mine == theirs, "the ldm-named tree must hold every UNet parameter exactly once"
+        if layout is not None:  # and the state dict has ldm's keys throughout (resnets included)
+            _ldm_state_dict_names(self, "unet", lambda wrapper: wrapper._diffusers, layout)
+
+    @property
+    def unet(self):
+        return self._diffusers
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        return self.unet(x, timesteps, encoder_hidden_states=context).sample
+        return self._diffusers(x, timesteps, encoder_hidden_states=context).sample
 
 
 class DiffusionWrapper(nn.Module):
