@@ -53,7 +53,7 @@ class AutoencoderKL(nn.Module):
         self.encoder, self.decoder = vae.encoder, vae.decoder
         self.quant_conv, self.post_quant_conv = vae.quant_conv, vae.post_quant_conv
         if layout is not None:
-            _ldm_state_dict_names(self, "vae", lambda wrapper: vae, layout)
+            _ldm_state_dict_names(self, "vae", lambda wrapper: wrapper, layout)  # same names as diffusers
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
