@@ -287,7 +287,8 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
     callbacks: called with a :class:`Progress` after each step. cancel: anything with ``is_set()``
     (``threading.Event``); when set, the loop stops at the next step boundary, saves the trained file and
     the resume state and returns with ``cancelled=True``. Ctrl-C does the same (``interrupted=True``).
-    ``options.resume`` continues a stopped run exactly.
+    A `cancel` with ``agree(local_stop) -> bool`` is asked at every step boundary whether to stop (processes
+    of a data-parallel run stop together). ``options.resume`` continues a stopped run exactly.
     """
     run = _Run(method, options if isinstance(options, RunPlan) else RunPlan.of(options), callbacks)
     with _ctrl_c_requests_stop(run.stop):
@@ -320,8 +321,11 @@ class _Run:
         self.report(lr=self.schedule.value_or_last(self.counters.step), message="; ".join(resumed + warnings))
 
     def goes_on(self, cancel) -> bool:
-        cancelled = cancel is not None and cancel.is_set()
-        return self.counters.step < self.stop_at and not self.stop.is_set() and not cancelled
+        stop = self.stop.is_set() or (cancel is not None and cancel.is_set())
+        agree = getattr(cancel, "agree", None)  # data-parallel ranks stop together (dreambooth/distributed.py)
+        if agree is not None:
+            stop = agree(stop)
+        return self.counters.step < self.stop_at and not stop
 
     def _open_log(self) -> list[str]:
         """The log folder (a new one, or the resumed run's with its state restored); warnings of a resume."""
