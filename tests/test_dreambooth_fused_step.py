@@ -147,15 +147,16 @@ def test_a_nonfinite_gradient_is_not_applied():
     assert torch.equal(model.weight, before) and fused.skipped == 1 and model.weight.grad is None
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(gradient_step=2), "accumulate"),
-    (dict(clip_grad_mode="norm", clip_grad_value="1.0"), "clip"),
-    (dict(mixed_precision="fp16"), "fp16"),
+@pytest.mark.parametrize("change, device, words", [
+    (dict(gradient_step=2), "cpu", "accumulate"),
+    (dict(clip_grad_mode="norm", clip_grad_value="1.0"), "cpu", "clip"),
+    (dict(mixed_precision="fp16"), "cuda", "fp16"),  # (fp16 autocast is for CUDA only)
 ])
-def test_fused_step_refuses_what_needs_every_gradient(tmp_path, change, words):
+def test_fused_step_refuses_what_needs_every_gradient(tmp_path, change, device, words):
     options = _options(tmp_path, fused_backward_step=True, **change)
     with pytest.raises(AlchemyError, match=words):
-        check_fused(options, torch.device("cuda"))
+        check_fused(options, torch.device(device))
+    check_fused(_options(tmp_path, fused_backward_step=True, mixed_precision="fp16"), torch.device("cpu"))
     check_fused(_options(tmp_path, fused_backward_step=True, mixed_precision="bf16"), torch.device("cuda"))
 
 
