@@ -183,17 +183,25 @@ def _total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
+CTRL_C_REPEAT_S = 2.0
+"""A Ctrl-C this soon after the first is the same one: torchrun's agent passes the terminal's Ctrl-C on to
+workers that already got it."""
+
+
 @contextlib.contextmanager
 def _ctrl_c_requests_stop(flag: threading.Event):
     """In the main thread, the first Ctrl-C asks the loop to stop at the next step boundary (so the saved
-    state is consistent); a second one interrupts immediately."""
+    state is consistent); a second one (after :data:`CTRL_C_REPEAT_S`) interrupts immediately."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
+    first: list[float] = []
 
     def handler(signum, frame):
-        if flag.is_set():
+        if not first:
+            first.append(time.monotonic())
+        if flag.is_set() and time.monotonic() - first[0] > CTRL_C_REPEAT_S:
             signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
             raise KeyboardInterrupt
         flag.set()
