@@ -111,7 +111,7 @@ class DreamBoothMethod:
         with torch.no_grad():  # frozen text encoder: each prompt is encoded once
             for p in prompts:
                 if p not in self._cond_cache:
-                    with self._present():
+                    with self.parts_present():
                         self._cond_cache[p] = encode_prompts(self.adapter, [p])[0]
             return torch.stack([self._cond_cache[p] for p in prompts])
 
@@ -163,11 +163,12 @@ class DreamBoothMethod:
             if self.lora is not None:
                 save_lora(self.lora, path, meta, fp16=self.options.save_fp16)
             else:
-                with self._present():
+                with self.parts_present():
                     save_checkpoint(self.adapter, path, meta, fp16=self.options.save_fp16)
 
-    def _present(self):
-        """The parts moved away back for the block (saving the whole checkpoint, an unforeseen prompt)."""
+    def parts_present(self):
+        """The parts moved away back for the block: saving the whole checkpoint, an unforeseen prompt, and any
+        preview (which needs the VAE and the text encoder)."""
         return self.away.present_for() if self.away is not None else contextlib.nullcontext()
 
     def preview(self, step: int, directory: Path) -> Path | None:
