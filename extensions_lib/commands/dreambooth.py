@@ -37,7 +37,7 @@ def run_train(args: argparse.Namespace) -> int:
     plan = training_plan(DreamBoothTrainOptions, args)
     concepts_from_options(plan.options)  # bad concepts are reported before the slow model load
     ckpt = require_checkpoint(command.ckpt)
-    shard = from_environment()  # started by torchrun with several processes
+    shard = from_environment(plan.options.distributed_timeout)  # started by torchrun with several processes
     adapter = load_model(ckpt, device=local_device() if shard is not None else command.device)
     if shard is not None and shard.rank != 0:
         result = train_dreambooth(adapter, plan, shard=shard)

@@ -1,11 +1,18 @@
-"""Memory savers for DreamBooth: gradient checkpointing of the UNet's blocks, 8-bit AdamW when available."""
+"""Memory savers for DreamBooth: gradient checkpointing of the UNet's blocks, 8-bit AdamW when available,
+the fused backward+step (:mod:`..train.fused_step`), the parts not read during the steps moved away."""
 from __future__ import annotations
 
 import importlib
+import random
 from typing import Callable
 
 import torch
 from torch import nn
+
+from ..train.dataset import create_text
+from ..train.fused_step import FusedStep, refusal
+from ..train.offload import Offload, OffloadSet
+from ..train.setup import all_real
 
 
 def checkpointing(unet: nn.Module) -> Callable[[], None]:
@@ -29,3 +36,48 @@ def adamw_class(want_8bit: bool, device: torch.device, import_module=importlib.i
         except (ImportError, AttributeError, RuntimeError):
             pass
     return torch.optim.AdamW
+
+
+def check_fused(options, device: torch.device) -> None:
+    """A clear error when the run's options need every gradient at once (accumulation, clipping, fp16 loss
+    scaling), which the fused backward+step cannot give."""
+    from ..train.loop import _precision
+
+    problem = refusal(gradient_step=options.gradient_step, clip_grad_mode=options.clip_grad_mode,
+                      fp16_scaling=_precision(options.mixed_precision, torch.device(device)) == torch.float16)
+    if problem is not None:
+        raise problem
+
+
+def fused_optimizer(groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], options,
+                    device: torch.device) -> FusedStep:
+    """A :class:`~extensions_lib.train.fused_step.FusedStep` over `groups` (see :func:`check_fused`)."""
+    check_fused(options, device)
+    return FusedStep(groups, make_optimizer)
+
+
+def fixed_prompts(data, options) -> list[str] | None:
+    """Every prompt a run over `data` can draw, or None when tags are shuffled or dropped (then they vary)."""
+    if options.shuffle_tags or options.tag_drop_out > 0:
+        return None
+    prompts = []
+    for concept in data.concepts:
+        prompts += [create_text(concept.concept.instance_prompt, entry.caption, "", random.Random(0))
+                    for entry in concept.instances.entries]
+        if concept.class_latents is not None:
+            prompts.append(concept.concept.class_prompt)
+    return list(dict.fromkeys(prompts))
+
+
+def parts_away(adapter, options, data, encode: Callable[[list[str]], torch.Tensor]) -> OffloadSet | None:
+    """The parts a run does not read during its steps, to move out of memory: the VAE (latents are cached)
+    and, when it is frozen and the prompts are fixed, the text encoder (after `encode` has cached every
+    prompt's encoding). None when there is nothing to move."""
+    modules = adapter.modules()
+    names = ["vae"]
+    prompts = None if options.train_text_encoder else fixed_prompts(data, options)
+    if prompts is not None:
+        encode(prompts)
+        names.append("text_encoder")
+    offloads = [Offload(modules[n]) for n in names if modules.get(n) is not None and all_real(modules[n])]
+    return OffloadSet(offloads) if offloads else None

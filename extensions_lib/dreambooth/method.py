@@ -25,12 +25,12 @@ from ..train.diffusion_loss import sample_noise, sample_timesteps
 from ..train.setup import RunSetup
 from .class_images import generate_class_images
 from .concepts import concepts_from_options
-from .distributed import Shard, average_gradients, barrier
+from .distributed import Shard, StopTogether, average_gradients, barrier, on_rank0, resume_state_for
 from .data import DreamBoothData, PriorBatch, build_dreambooth_data
 from .files import metadata, save_checkpoint, save_lora
 from .lora import LoraPatch, attach_lora, kohya_metadata
 from .loss import dreambooth_loss
-from .memory import adamw_class, checkpointing
+from .memory import adamw_class, check_fused, checkpointing, fused_optimizer, parts_away
 from .options import DreamBoothTrainOptions
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ class DreamBoothMethod:
             self._params = [p for m in trained for p in m.parameters()]
         self._cond_cache: dict[str, torch.Tensor] = {}
         self._ema = [p.detach().clone() for p in self._params] if options.ema_decay > 0 else None
+        self.fused = None
+        """The fused backward+step, when on (its hooks come off when the run ends)."""
+        self.away = None
+        """The parts moved out of memory during the steps (an OffloadSet), when any."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self._params
@@ -94,7 +98,11 @@ class DreamBoothMethod:
                     p.copy_(s)
 
     def create_optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
-        return adamw_class(self.options.use_8bit_adam, self.device)(groups, lr=lr)
+        make = adamw_class(self.options.use_8bit_adam, self.device)
+        if self.options.fused_backward_step:
+            self.fused = fused_optimizer(groups, lambda group: make(group, lr=lr), self.options, self.device)
+            return self.fused
+        return make(groups, lr=lr)
 
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
         from ..prompt import encode_prompts
@@ -104,7 +112,8 @@ class DreamBoothMethod:
         with torch.no_grad():  # frozen text encoder: each prompt is encoded once
             for p in prompts:
                 if p not in self._cond_cache:
-                    self._cond_cache[p] = encode_prompts(self.adapter, [p])[0]
+                    with self.parts_present():
+                        self._cond_cache[p] = encode_prompts(self.adapter, [p])[0]
             return torch.stack([self._cond_cache[p] for p in prompts])
 
     def loss(self, batch: PriorBatch, step: int) -> torch.Tensor:
@@ -157,7 +166,13 @@ class DreamBoothMethod:
                 meta.update(kohya_metadata(self.adapter.family, self.name, o.lora_rank, o.lora_alpha))
                 save_lora(self.lora, path, meta, fp16=o.save_fp16)
             else:
-                save_checkpoint(self.adapter, path, meta, fp16=self.options.save_fp16)
+                with self.parts_present():
+                    save_checkpoint(self.adapter, path, meta, fp16=self.options.save_fp16)
+
+    def parts_present(self):
+        """The parts moved away back for the block: saving the whole checkpoint, an unforeseen prompt, and any
+        preview (which needs the VAE and the text encoder)."""
+        return self.away.present_for() if self.away is not None else contextlib.nullcontext()
 
     def preview(self, step: int, directory: Path) -> Path | None:
         return None
@@ -225,6 +240,8 @@ def _for_rank(plan: RunPlan, shard: Shard, scratch: Path) -> RunPlan:
     seed = [plan.options.seed]
     dist.broadcast_object_list(seed, src=0)
     changes: dict[str, Any] = {"seed": seed[0]}
+    if plan.options.resume:
+        changes["resume"] = resume_state_for(plan.options.resume, shard, scratch)
     if shard.rank != 0:
         changes.update(save_resume_state=False, save_training_settings=False, write_csv_every=0, save_every=0,
                        create_image_every=0, log_directory=str(scratch))
@@ -248,11 +265,15 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
     options = plan.options
     _check_name(options.model_name)
     concepts = concepts_from_options(options)
-    if shard is None or shard.rank == 0:
+    if options.fused_backward_step:
+        check_fused(options, adapter.device)
+
+    def class_images(beat):
         for concept in concepts:
             if concept.with_prior:
-                generate_class_images(adapter, concept, options, cancel=cancel)
-    barrier(shard)
+                generate_class_images(adapter, concept, options, on_image=lambda _: beat(), cancel=cancel)
+
+    on_rank0(shard, class_images)
     world = 1 if shard is None else shard.world
     with RunSetup(adapter) as setup:
         data = build_dreambooth_data(adapter, dataclasses.replace(options, batch_size=options.batch_size * world),
@@ -279,9 +300,15 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
         if options.gradient_checkpointing:
             setup.undo_with(checkpointing(modules["unet"]))
         method = DreamBoothMethod(adapter, data, options, provenance, lora, shard)
+        setup.undo_with(lambda: method.fused is not None and method.fused.remove())
+        if options.offload_unused and setup.may_move_parts:
+            method.away = parts_away(adapter, options, data, method.conditioning)
+            if method.away is not None:
+                setup.move_away(method.away)
         if shard is not None:
             handles = average_gradients(method.parameters(), shard.world)
             setup.undo_with(lambda: [h.remove() for h in handles])
+            cancel = StopTogether(cancel)
         result = train(method, plan, callbacks, cancel)
     barrier(shard)
     return result

@@ -54,6 +54,18 @@ class DreamBoothTrainOptions(TrainingOptions):
     use_8bit_adam: bool = option(True, label="8-bit AdamW when available", group=_DB,
                                  help="on a GPU with bitsandbytes installed, keep the optimizer state in 8 bits "
                                       "(otherwise torch's AdamW is used)")
+    fused_backward_step: bool = option(False, label="Fused backward+step", group=_DB,
+                                       help="update each weight as soon as its gradient is computed and free the "
+                                            "gradient, so no gradient buffer of the whole model exists (torch >= "
+                                            "2.1; not with gradient accumulation, clipping or fp16 loss scaling)")
+    offload_unused: bool = option(True, label="Move VAE and text encoder out of memory when not trained",
+                                  group=_DB,
+                                  help="with latents and prompt encodings cached, keep the VAE (and the text "
+                                       "encoder when it is not trained) off the compute device during the steps; "
+                                       "they come back for saving")
+    distributed_timeout: int = option(1800, minimum=10, group=_DB, ui=False, label="Distributed timeout (s)",
+                                      help="under torchrun: how long a process waits for the others in one "
+                                           "exchange before it fails (a process that died or hangs)")
     ema_decay: float = option(0.0, minimum=0.0, maximum=0.99999, group=_DB, label="EMA decay",
                               help="keep an exponential moving average of the trained weights and write that "
                                    "(0 = off; 0.999 is usual; costs one more copy of the trained weights)")

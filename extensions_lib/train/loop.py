@@ -183,17 +183,25 @@ def _total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
+CTRL_C_REPEAT_S = 2.0
+"""A Ctrl-C this soon after the first is the same one: torchrun's agent passes the terminal's Ctrl-C on to
+workers that already got it."""
+
+
 @contextlib.contextmanager
 def _ctrl_c_requests_stop(flag: threading.Event):
     """In the main thread, the first Ctrl-C asks the loop to stop at the next step boundary (so the saved
-    state is consistent); a second one interrupts immediately."""
+    state is consistent); a second one (after :data:`CTRL_C_REPEAT_S`) interrupts immediately."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
+    first: list[float] = []
 
     def handler(signum, frame):
-        if flag.is_set():
+        if not first:
+            first.append(time.monotonic())
+        if flag.is_set() and time.monotonic() - first[0] > CTRL_C_REPEAT_S:
             signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
             raise KeyboardInterrupt
         flag.set()
@@ -287,7 +295,8 @@ def train(method: TrainingMethod, options, callbacks: Callable[[Progress], None]
     callbacks: called with a :class:`Progress` after each step. cancel: anything with ``is_set()``
     (``threading.Event``); when set, the loop stops at the next step boundary, saves the trained file and
     the resume state and returns with ``cancelled=True``. Ctrl-C does the same (``interrupted=True``).
-    ``options.resume`` continues a stopped run exactly.
+    A `cancel` with ``agree(local_stop) -> bool`` is asked at every step boundary whether to stop (processes
+    of a data-parallel run stop together). ``options.resume`` continues a stopped run exactly.
     """
     run = _Run(method, options if isinstance(options, RunPlan) else RunPlan.of(options), callbacks)
     with _ctrl_c_requests_stop(run.stop):
@@ -320,8 +329,11 @@ class _Run:
         self.report(lr=self.schedule.value_or_last(self.counters.step), message="; ".join(resumed + warnings))
 
     def goes_on(self, cancel) -> bool:
-        cancelled = cancel is not None and cancel.is_set()
-        return self.counters.step < self.stop_at and not self.stop.is_set() and not cancelled
+        stop = self.stop.is_set() or (cancel is not None and cancel.is_set())
+        agree = getattr(cancel, "agree", None)  # data-parallel ranks stop together (dreambooth/distributed.py)
+        if agree is not None:
+            stop = agree(stop)
+        return self.counters.step < self.stop_at and not stop
 
     def _open_log(self) -> list[str]:
         """The log folder (a new one, or the resumed run's with its state restored); warnings of a resume."""
