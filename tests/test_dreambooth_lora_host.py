@@ -226,3 +226,43 @@ def test_standalone_and_host_training_write_the_same_layers(tmp_path, tiny_check
         finally:
             patch.remove()
     assert hosted == standalone
+
+
+def test_gradient_checkpointing_in_the_host(tmp_path, tiny_checkpoint):
+    """The host's UNet has no diffusers switch: its residual and transformer blocks are checkpointed by
+    instance patch (recomputed in the backward pass), the trained file is the same, the patch is undone."""
+    from extensions_lib.dreambooth.memory import checkpointing
+
+    with standin_host(tmp_path) as host:
+        extension = _extension(host)
+        sd_model = host.load_model(tiny_checkpoint("sd1"))
+        unet = sd_model.model
+        block = next(m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D")
+        calls = []
+        hook = block.conv1.register_forward_hook(lambda *a: calls.append(1))  # inside: seen when recomputed
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
+        width = next(m for n, m in unet.named_modules() if n.endswith("attn2")).to_k.in_features
+        context = torch.randn(1, 77, width, requires_grad=True)
+
+        def forward_backward() -> int:
+            calls.clear()
+            unet(x, t, c_crossattn=[context]).sum().backward()
+            return len(calls)
+
+        try:
+            assert forward_backward() == 1
+            undo = checkpointing(unet)
+            assert forward_backward() == 2  # run again in the backward pass
+            undo()
+            assert forward_backward() == 1 and not any("forward" in vars(m) for m in unet.modules())
+        finally:
+            hook.remove()
+
+        data = make_folder(tmp_path / "inst", 1)
+        plain = load_file(str(_train(host, extension, data, "sd1", steps=2).final_path))
+        checkpointed = load_file(str(_train(host, extension, data, "sd1", steps=2,
+                                            gradient_checkpointing=True).final_path))
+        assert plain.keys() == checkpointed.keys()
+        for key in plain:
+            torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
+        assert not any("forward" in vars(m) for m in sd_model.modules())

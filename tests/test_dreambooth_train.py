@@ -68,6 +68,28 @@ def test_fp16_file_and_original_weights_restored(tmp_path, tiny_checkpoint):
     assert not torch.equal(reloaded.unet.conv_in.weight.float(), original["conv_in.weight"])
 
 
+def test_model_not_reused_keeps_no_copy_of_the_originals(tmp_path, tiny_checkpoint, monkeypatch):
+    """The CLI's process ends after the run: no second UNet is held to restore (the trained weights stay)."""
+    from extensions_lib.dreambooth import method as method_module
+
+    copies = []
+    real = method_module.OriginalWeights
+
+    class Recording(real):
+        def __init__(self, modules, keep=False):
+            super().__init__(modules, keep)
+            copies.append(sum(t.numel() for _m, saved in self.saved for t in saved.values()))
+
+    monkeypatch.setattr(method_module, "OriginalWeights", Recording)
+    model = load_model(tiny_checkpoint("sd1"))
+    original = _state(model.unet)
+    train_dreambooth(model, _options(tmp_path, steps=2), model_reused=False)
+    assert copies == [0]
+    assert any(not torch.equal(v, original[k]) for k, v in model.unet.state_dict().items())
+    train_dreambooth(model, _options(tmp_path, steps=2, model_name="again"))  # the default keeps a copy
+    assert copies[1] == sum(p.numel() for p in model.unet.parameters())
+
+
 def test_class_images_are_generated_resumably(tmp_path, tiny_model):
     model = tiny_model("sd1")
     from extensions_lib.dreambooth.class_images import generate_class_images

@@ -7,17 +7,17 @@ itself in the backward pass, so at most one block's activations are alive at a t
 both backends' decoders without knowing their classes. (The run set-up freezes the VAE's weights, as every
 model weight: only the embeddings collect gradients.)
 
-The blocks get an instance attribute ``forward`` that calls the class's forward through
-:func:`torch.utils.checkpoint.checkpoint`; exit deletes it, so the module is exactly as before.
+The blocks are patched by :func:`~extensions_lib.train.block_checkpoint.checkpoint_blocks`; exit undoes it, so
+the module is exactly as before.
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
-import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from ..train.block_checkpoint import checkpoint_blocks
 
 
 def innermost_blocks(decoder: nn.Module) -> list[nn.Module]:
@@ -31,29 +31,12 @@ def innermost_blocks(decoder: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _checkpointed(block: nn.Module):
-    original = type(block).forward
-
-    def forward(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return original(block, *args, **kwargs)
-        return checkpoint(original, block, *args, use_reentrant=False, **kwargs)
-
-    return forward
-
-
 @contextlib.contextmanager
 def checkpointed_decoder(vae: nn.Module) -> Iterator[list[nn.Module]]:
     """Inside: the innermost blocks of ``vae.decoder`` checkpointed; yields them."""
     decoder = getattr(vae, "decoder", None)
-    patched = []
+    patched, undo = checkpoint_blocks(innermost_blocks(decoder) if decoder is not None else [])
     try:
-        for block in innermost_blocks(decoder) if decoder is not None else []:
-            if "forward" in vars(block):
-                continue  # someone else's instance patch: leave that block alone
-            block.forward = _checkpointed(block)
-            patched.append(block)
         yield patched
     finally:
-        for block in patched:
-            del block.forward
+        undo()

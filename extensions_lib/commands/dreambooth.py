@@ -40,8 +40,8 @@ def run_train(args: argparse.Namespace) -> int:
     shard = from_environment(plan.options.distributed_timeout)  # started by torchrun with several processes
     adapter = load_model(ckpt, device=local_device() if shard is not None else command.device)
     if shard is not None and shard.rank != 0:
-        result = train_dreambooth(adapter, plan, shard=shard)
+        result = train_dreambooth(adapter, plan, shard=shard, model_reused=False)
         return 130 if result.interrupted else 0
     with step_bar(plan.options.steps, f"training {plan.options.model_name}") as progress:
-        result = train_dreambooth(adapter, plan, callbacks=progress, shard=shard)
+        result = train_dreambooth(adapter, plan, callbacks=progress, shard=shard, model_reused=False)
     return report_result(result, "dreambooth train", ckpt)

@@ -9,23 +9,39 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import AlchemyError
+from ..train.block_checkpoint import checkpoint_blocks
 from ..train.dataset import create_text
 from ..train.fused_step import FusedStep, refusal
 from ..train.offload import Offload, OffloadSet
 from ..train.setup import all_real
 
 
-def checkpointing(unet: nn.Module) -> Callable[[], None]:
-    """Turn on diffusers' gradient checkpointing in the UNet's blocks; the undo.
+HOST_BLOCKS = ("ResBlock", "BasicTransformerBlock", "ResnetBlock2D")
+"""Blocks checkpointed in a UNet without diffusers' switch (the WebUI's ldm model): ldm's ``ResBlock`` and
+``BasicTransformerBlock`` are what the WebUI's own training checkpoints (``sd_hijack_checkpoint``);
+diffusers' names cover a host built on diffusers modules."""
 
-    diffusers checkpoints a block only while it is in training mode, and the run set-up puts every module in
-    eval mode, so the blocks that checkpoint are put in training mode (SD's UNet has no dropout, so nothing
-    else changes; the run set-up restores the modes afterwards)."""
-    unet.enable_gradient_checkpointing()
-    for module in unet.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module.train()
-    return unet.disable_gradient_checkpointing
+
+def checkpointing(unet: nn.Module) -> Callable[[], None]:
+    """Turn on gradient checkpointing in the UNet's blocks; the undo.
+
+    A diffusers UNet has its own switch. diffusers checkpoints a block only while it is in training mode, and
+    the run set-up puts every module in eval mode, so the blocks that checkpoint are put in training mode
+    (SD's UNet has no dropout, so nothing else changes; the run set-up restores the modes afterwards). Any
+    other UNet (the WebUI's ldm model) gets its residual and transformer blocks checkpointed by instance
+    patch (:mod:`..train.block_checkpoint`)."""
+    if hasattr(unet, "enable_gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+        for module in unet.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.train()
+        return unet.disable_gradient_checkpointing
+    blocks = [m for m in unet.modules() if type(m).__name__ in HOST_BLOCKS]
+    if not blocks:
+        raise AlchemyError("gradient checkpointing: the loaded UNet has no blocks this extension knows how to "
+                           "checkpoint", fix="turn gradient checkpointing off")
+    return checkpoint_blocks(blocks)[1]
 
 
 def adamw_class(want_8bit: bool, device: torch.device, import_module=importlib.import_module) -> type:

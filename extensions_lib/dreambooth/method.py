@@ -250,18 +250,22 @@ def _for_rank(plan: RunPlan, shard: Shard, scratch: Path) -> RunPlan:
 
 def train_dreambooth(adapter, options: DreamBoothTrainOptions | RunPlan, callbacks: Callable | Sequence[Callable] = (),
                      cancel: Any = None, say: Callable[[str], None] | None = None,
-                     shard: Shard | None = None) -> TrainResult:
+                     shard: Shard | None = None, model_reused: bool = True) -> TrainResult:
     """Run DreamBooth with `options` on `adapter`'s model; returns the loop's result.
+
+    model_reused: False when nothing uses the model after the run (the CLI's process ends): full mode then
+    keeps no copy of the original weights to restore (a whole second UNet in memory otherwise).
 
     shard: this process's place in a data-parallel run (:mod:`.distributed`); ``batch_size`` is then per
     process, and every process must call this with the same options."""
     if shard is not None:
         with tempfile.TemporaryDirectory(prefix="alchemy-rank") as scratch:
-            return _train(adapter, _for_rank(plan_run(options), shard, Path(scratch)), callbacks, cancel, shard)
-    return _train(adapter, plan_run(options), callbacks, cancel, None)
+            return _train(adapter, _for_rank(plan_run(options), shard, Path(scratch)), callbacks, cancel, shard,
+                          model_reused)
+    return _train(adapter, plan_run(options), callbacks, cancel, None, model_reused)
 
 
-def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> TrainResult:
+def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None, model_reused: bool = True) -> TrainResult:
     options = plan.options
     _check_name(options.model_name)
     concepts = concepts_from_options(options)
@@ -292,7 +296,7 @@ def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None) -> Tr
                 layer.train()  # LoRA dropout on; the model itself stays in eval mode
         else:
             trained = [modules["unet"]] + ([modules["text_encoder"]] if options.train_text_encoder else [])
-            originals = OriginalWeights(trained, keep=options.keep_trained_weights)
+            originals = OriginalWeights(trained, keep=options.keep_trained_weights or not model_reused)
             setup.undo_with(originals.restore)
             originals.upcast()
             for m in trained:
