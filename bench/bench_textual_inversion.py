@@ -30,6 +30,11 @@ RSS <= 0.6; our load's peak <= 1.1x and RSS after it <= 1.02x the loaded weights
     .venv/bin/pip install --no-deps --target .cache/bench-deps -r bench/requirements.txt   # accelerate, once
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_textual_inversion.py
 
+``--phases`` prints, per run, the peak and current RSS at the end of each phase (imports, load, latents,
+set-up, each step, finish) and the phase during which the peak was set (from the kernel's VmHWM, read at
+each boundary: exact, no sampling). Measured (defaults, SD1 at 256 px): ours peaks in the training steps
+and at their end, not in the load; theirs in its first steps.
+
 ``--source built`` is the former stand-in: both sides build the modules in memory instead of loading a
 file (training only). ``--model tiny`` runs the comparison on the tiny test model in seconds (a check of the
 script only). ``--theirs-malloc`` adds theirs with the same glibc setting as ours, for reference.
