@@ -30,6 +30,11 @@ RSS <= 0.6; our load's peak <= 1.1x and RSS after it <= 1.02x the loaded weights
     .venv/bin/pip install --no-deps --target .cache/bench-deps -r bench/requirements.txt   # accelerate, once
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_textual_inversion.py
 
+``--phases`` prints, per run, the peak and current RSS at the end of each phase (imports, load, latents,
+set-up, each step, finish) and the phase during which the peak was set (from the kernel's VmHWM, read at
+each boundary: exact, no sampling). Measured (defaults, SD1 at 256 px): ours peaks in the training steps
+and at their end, not in the load; theirs in its first steps.
+
 ``--source built`` is the former stand-in: both sides build the modules in memory instead of loading a
 file (training only). ``--model tiny`` runs the comparison on the tiny test model in seconds (a check of the
 script only). ``--theirs-malloc`` adds theirs with the same glibc setting as ours, for reference.
@@ -64,6 +69,23 @@ def peak_rss_bytes() -> int:
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakPhases:
+    """Which phase of a run set its peak RSS: the kernel's peak counter (VmHWM) read at each phase's end;
+    the phase during which it last rose holds the peak. Costs one /proc read per mark, no sampling thread."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, int, int]] = []        # (phase that just ended, VmHWM, VmRSS)
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, _status_bytes("VmHWM"), _status_bytes("VmRSS")))
+
+    def summary(self) -> dict:
+        top = max((h for _, h, _ in self.marks), default=0)    # the counter may have been reset in between
+        # The first phase ending within 16 MiB of the top (the counter creeps up by pages afterwards).
+        peak_phase = next((p for p, h, _ in self.marks if h >= top - 2**24), None)
+        return {"peak_phase": peak_phase, "phases": [[p, h, r] for p, h, r in self.marks]}
 
 
 # ---- the model (same construction on both sides) ---------------------------------------------------------
@@ -115,7 +137,7 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
 
 
-def load_ours(ckpt: Path, low_memory: bool) -> tuple[object, dict]:
+def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases) -> tuple[object, dict]:
     """The model as the CLI loads it, with the load's own memory: peak and after, above the RSS before it."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (imports out of the measurement)
@@ -125,11 +147,13 @@ def load_ours(ckpt: Path, low_memory: bool) -> tuple[object, dict]:
     from extensions_lib.train.low_memory import load_low_memory
 
     torch.ones(8) @ torch.ones(8)
+    phases.mark("imports")
     before_peak = _status_bytes("VmHWM")
     with open("/proc/self/clear_refs", "w") as fh:      # restart the peak counter: the load's own peak
         fh.write("5")
     baseline = _status_bytes("VmRSS")
     adapter = load_low_memory(ckpt) if low_memory else load_model(ckpt)
+    phases.mark("load")
     tensors = [t for m in adapter.modules().values() for t in [*m.parameters(), *m.buffers()]]
     load = {"load_peak": _status_bytes("VmHWM") - baseline, "load_after": _status_bytes("VmRSS") - baseline,
             "weights": sum(t.numel() * t.element_size() for t in tensors), "before_peak": before_peak}
@@ -146,8 +170,9 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
     from extensions_lib.embeddings.session import train_embedding
     from extensions_lib.embeddings.options import EmbeddingTrainOptions
 
+    phases = PeakPhases()
     if ckpt is not None:
-        adapter, load = load_ours(ckpt, low_memory)
+        adapter, load = load_ours(ckpt, low_memory, phases)
     else:
         config, parts = build_parts(model)
         adapter = StandaloneModel(path=work / f"random-{model}.safetensors", config=config, parts=parts,
@@ -165,11 +190,21 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
         write_csv_every=0, save_resume_state=False, save_training_settings=False,
         log_directory=str(work / "logs"), low_memory=low_memory)
     marks: list[float] = []
-    train_embedding(adapter, options, callbacks=lambda p: marks.append(time.perf_counter()) if p.loss is not None
-                    and p.saved is None else None)
+    phases.mark("embedding created")
+
+    def on_step(p) -> None:
+        if p.loss is not None and p.saved is None:
+            marks.append(time.perf_counter())
+            phases.mark(f"step {p.step}")
+        elif p.step == 0:
+            phases.mark("set-up")
+
+    train_embedding(adapter, options, callbacks=on_step,
+                    on_progress=lambda done, count: phases.mark("latents") if done == count else None)
+    phases.mark("finish")
     times = [b - a for a, b in zip(marks, marks[1:])][max(0, warmup - 1):]
     peak = max(_status_bytes("VmHWM"), load.pop("before_peak", 0)) if load else peak_rss_bytes()
-    return {"step_times": times, "peak_rss": peak, "built_rss": built_rss, **load}
+    return {"step_times": times, "peak_rss": peak, "built_rss": built_rss, **load, **phases.summary()}
 
 
 # ---- theirs: the diffusers textual-inversion example's step --------------------------------------------------
@@ -198,7 +233,10 @@ def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work
 
     from extensions_lib.backend.tokenizer import make_tokenizer
 
+    phases = PeakPhases()
+    phases.mark("imports")
     config, parts = load_theirs(folder) if folder is not None else build_parts(model)
+    phases.mark("load")
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     built_rss = current_rss_bytes()
     paths = write_dataset(work / "data", size, images)
@@ -261,12 +299,14 @@ def run_theirs(model: str, size: int, images: int, warmup: int, steps: int, work
     from extensions_lib.train.cpu_memory import keeping_freed_memory
 
     times = []
+    phases.mark("set-up")
     with keeping_freed_memory() if keep_freed_memory else contextlib.nullcontext():
         for i in range(warmup + steps):
             start = time.perf_counter()
             step(i)
             times.append(time.perf_counter() - start)
-    return {"step_times": times[warmup:], "peak_rss": peak_rss_bytes(), "built_rss": built_rss}
+            phases.mark(f"step {i + 1}")
+    return {"step_times": times[warmup:], "peak_rss": peak_rss_bytes(), "built_rss": built_rss, **phases.summary()}
 
 
 # ---- driver -----------------------------------------------------------------------------------------------------
@@ -324,6 +364,8 @@ def main() -> None:
     parser.add_argument("--no-low-memory", action="store_true", help="leave out the --low-memory side")
     parser.add_argument("--theirs-malloc", action="store_true",
                         help="also time theirs with ours' glibc setting (M_TOP_PAD), for reference")
+    parser.add_argument("--phases", action="store_true",
+                        help="print each run's peak and current RSS at the end of each phase (load, latents, steps)")
     parser.add_argument("--tmp", default=None, help="folder for the model files (default: system temp)")
     parser.add_argument("--side", choices=["ours", "ours-low", "theirs", "theirs-malloc"], help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
@@ -355,6 +397,10 @@ def main() -> None:
                 print(f"round {i + 1} {side:13s}: median step {statistics.median(res['step_times']):.3f}s "
                       f"({', '.join(f'{t:.2f}' for t in res['step_times'])}), peak RSS {res['peak_rss'] / 2**30:.2f} GiB "
                       f"(after model build {res['built_rss'] / 2**30:.2f} GiB){load}", flush=True)
+                if args.phases and "phases" in res:
+                    print("    peak RSS / RSS at the end of each phase (GiB): " + "; ".join(
+                        f"{p} {h / 2**30:.2f}/{r / 2**30:.2f}" for p, h, r in res["phases"]) +
+                        f"  -> peak set during: {res['peak_phase']}", flush=True)
     step = {s: statistics.median([t for r in rs for t in r["step_times"]]) for s, rs in results.items()}
     rss = {s: statistics.median([r["peak_rss"] for r in rs]) for s, rs in results.items()}
     print(f"\n{args.model} SD1.5 architecture, {args.size}x{args.size}, batch 1, CPU float32, "

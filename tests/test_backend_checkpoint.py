@@ -171,6 +171,23 @@ def test_safetensors_tensors_read_exactly(tmp_path):
         assert got[key].dtype == value.dtype and torch.equal(got[key], value)
 
 
+def test_safetensors_tensors_read_into_one_scratch_buffer(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    values = {"a": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b": torch.tensor([1.5, -2.25, 3.0]),
+              "c": torch.tensor([7, -1], dtype=torch.int64)}
+    save_file(values, str(path))
+    with open_checkpoint(path) as reader:
+        scratch = torch.zeros(max(reader.nbytes(k) for k in reader.keys()), dtype=torch.uint8)
+        for key, value in values.items():
+            got = reader.take(key, scratch)
+            assert reader.nbytes(key) == value.numel() * value.element_size()
+            assert got.dtype == value.dtype and torch.equal(got, value)
+            assert got.data_ptr() == scratch.data_ptr()     # read into the buffer, not into memory of its own
+        small = torch.zeros(2, dtype=torch.uint8)            # too small: the reader allocates instead
+        got = reader.take("b", small)
+        assert torch.equal(got, values["b"]) and got.data_ptr() != small.data_ptr()
+
+
 def test_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.ckpt"
     text.write_text("hello, this is not a model\n" * 10)

@@ -36,7 +36,10 @@ class CheckpointReader:
     """Keys, shapes and tensors of one checkpoint file; use as a context manager.
 
     ``take(key)`` hands a tensor over and forgets it where possible, so a loader converting key by key
-    never holds the whole file twice.
+    never holds the whole file twice. A loader that copies each tensor right away (converting fp16 to
+    fp32, say) passes one ``scratch`` buffer to every ``take``: the file's bytes are read into it and no
+    per-tensor source is allocated and freed, which would leave the heap full of holes the converted
+    tensors do not fit (about 5% of the weights for SD1 fp16 -> fp32).
     """
 
     path: Path
@@ -50,7 +53,12 @@ class CheckpointReader:
     def dtype(self, key: str) -> torch.dtype:
         raise NotImplementedError
 
-    def take(self, key: str) -> torch.Tensor:
+    def nbytes(self, key: str) -> int:
+        return math.prod(self.shape(key)) * torch.empty((), dtype=self.dtype(key)).element_size()
+
+    def take(self, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor of `key`. `scratch` (uint8, at least :meth:`nbytes` long): a reader may return a view
+        of it instead of memory of the tensor's own, valid until the next ``take`` into the same buffer."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -94,10 +102,17 @@ class _SafetensorsReader(CheckpointReader):
     def dtype(self, key: str) -> torch.dtype:
         return _SAFETENSORS_DTYPES.get(self._header[key]["dtype"], torch.uint8)
 
-    def take(self, key: str) -> torch.Tensor:
+    def nbytes(self, key: str) -> int:
+        begin, end = self._header[key]["data_offsets"]
+        return int(end) - int(begin)
+
+    def take(self, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         entry = self._header[key]
         begin, end = (int(x) for x in entry["data_offsets"])
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        if scratch is not None and scratch.dtype == torch.uint8 and scratch.numel() >= end - begin:
+            buffer = scratch[:end - begin]
+        else:
+            buffer = torch.empty(end - begin, dtype=torch.uint8)
         view, done = memoryview(buffer.numpy()), 0
         self._fh.seek(self._data_start + begin)
         while done < len(view):
@@ -129,8 +144,8 @@ class _PickleReader(CheckpointReader):
     def dtype(self, key: str) -> torch.dtype:
         return self._sd[key].dtype
 
-    def take(self, key: str) -> torch.Tensor:
-        return self._sd.pop(key)
+    def take(self, key: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        return self._sd.pop(key)      # already in memory: nothing to gain from the scratch buffer
 
     def close(self) -> None:
         self._sd = {}

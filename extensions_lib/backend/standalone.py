@@ -247,8 +247,19 @@ def _check_complete(parts: dict[str, torch.nn.Module], path: Path, layout: keyma
 
 def _stream_weights(reader, parts: dict[str, torch.nn.Module], layout: keymap.Layout, home: torch.device,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Convert and assign the file's tensors one at a time; returns the extras (EMA weights dropped)."""
+    """Convert and assign the file's tensors one at a time; returns the extras (EMA weights dropped).
+
+    Tensors that are copied anyway (another dtype or device) are read into one scratch buffer reused for
+    all of them (see :class:`~.checkpoint.CheckpointReader`); the others are read into memory of their own.
+    """
     extras = {}
+
+    def copied(key: str) -> bool:
+        stored = reader.dtype(key)
+        return stored.is_floating_point and (stored != dtype or home.type != "cpu")
+
+    sizes = [reader.nbytes(key) for key in reader.keys() if copied(key)]
+    scratch = torch.empty(max(sizes), dtype=torch.uint8) if sizes else None
     for key in reader.keys():
         pieces = keymap.ldm_to_diffusers(key, layout)
         if pieces[0].component == keymap.EXTRA:
@@ -260,7 +271,7 @@ def _stream_weights(reader, parts: dict[str, torch.nn.Module], layout: keymap.La
             continue
         if pieces[0].component not in parts:
             continue
-        tensor = reader.take(key)
+        tensor = reader.take(key, scratch if copied(key) else None)
         for piece in pieces:
             value = keymap.to_diffusers_tensor(tensor, piece)
             value = value.to(home, dtype) if value.is_floating_point() else value.to(home)
