@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import types
 from dataclasses import dataclass
 from typing import Iterator
@@ -69,8 +70,8 @@ well past it."""
 
 def bf16_supported(device: str | torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively: a CUDA GPU that torch says supports it, or a CPU on
-    which oneDNN has bfloat16 kernels (AVX512-BF16 or AMX; without them bfloat16 is emulated, slower than
-    float32) with torch >= :data:`CPU_BF16_TORCH`."""
+    which oneDNN has bfloat16 kernels and that has bfloat16 instructions (AVX512-BF16 or AMX on x86; without
+    them bfloat16 is emulated, slower than float32), with torch >= :data:`CPU_BF16_TORCH`."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -78,9 +79,25 @@ def bf16_supported(device: str | torch.device) -> bool:
         return False
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
-        return bool(probe()) if probe is not None else False
+        usable = bool(probe()) if probe is not None else False
     except RuntimeError:
         return False
+    native = _x86_native_bf16()
+    return usable and native is not False
+
+
+def _x86_native_bf16() -> bool | None:
+    """Whether an x86 CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16) by /proc/cpuinfo's flags, or
+    None where that cannot be read or the CPU is no x86. oneDNN's own probe also says yes for plain AVX512,
+    where it emulates bfloat16 more slowly than float32 runs."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = {flag for line in fh if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None
 
 
 def precision_for(device: str | torch.device) -> Precision:
