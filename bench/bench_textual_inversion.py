@@ -13,8 +13,9 @@ from it once too (float32 ``safetensors``, what ``save_pretrained`` makes).
   for the next step (``M_TOP_PAD``; see ``--theirs-malloc``). Step time is measured between the loop's
   per-step progress callbacks, so everything the loop does counts. The load's own peak and the memory held
   after it are reported against the size of the loaded weights.
-- ours-low: the same with ``--low-memory`` (``load_low_memory``: frozen layer weights kept in float16 as the
-  file has them, computed in float32 layer by layer).
+- ours-low: the same with ``--low-memory`` (``load_low_memory``: frozen UNet/text-encoder layer weights kept
+  in 16 bits; in bfloat16 and computed in bfloat16 on a CPU with AVX512-BF16/AMX, else in float16 and computed
+  in float32 layer by layer; ``--low-memory-precision`` forces one).
 - theirs: a faithful re-implementation of diffusers' ``examples/textual_inversion/textual_inversion.py``
   (defaults, no mixed precision): the models loaded with ``from_pretrained`` from the diffusers folder, a
   placeholder token added to the tokenizer and the embedding matrix resized; the whole token-embedding
@@ -137,14 +138,14 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
 
 
-def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases) -> tuple[object, dict]:
+def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases, precision: str = "auto") -> tuple[object, dict]:
     """The model as the CLI loads it, with the load's own memory: peak and after, above the RSS before it."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (imports out of the measurement)
     from transformers import CLIPTextModel  # noqa: F401
 
     from extensions_lib.backend.standalone import load_model
-    from extensions_lib.train.low_memory import load_low_memory
+    from extensions_lib.train.low_memory import BF16, FP16_STORED, load_low_memory
 
     torch.ones(8) @ torch.ones(8)
     phases.mark("imports")
@@ -152,7 +153,8 @@ def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases) -> tuple[object,
     with open("/proc/self/clear_refs", "w") as fh:      # restart the peak counter: the load's own peak
         fh.write("5")
     baseline = _status_bytes("VmRSS")
-    adapter = load_low_memory(ckpt) if low_memory else load_model(ckpt)
+    adapter = (load_low_memory(ckpt, precision={"auto": None, "bf16": BF16, "fp16": FP16_STORED}[precision])
+               if low_memory else load_model(ckpt))
     phases.mark("load")
     tensors = [t for m in adapter.modules().values() for t in [*m.parameters(), *m.buffers()]]
     load = {"load_peak": _status_bytes("VmHWM") - baseline, "load_after": _status_bytes("VmRSS") - baseline,
@@ -161,7 +163,7 @@ def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases) -> tuple[object,
 
 
 def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: Path, ckpt: Path | None = None,
-             low_memory: bool = False) -> dict:
+             low_memory: bool = False, precision: str = "auto") -> dict:
     import torch
 
     from extensions_lib.backend.configs import alphas_cumprod_from_schedule
@@ -172,7 +174,7 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
 
     phases = PeakPhases()
     if ckpt is not None:
-        adapter, load = load_ours(ckpt, low_memory, phases)
+        adapter, load = load_ours(ckpt, low_memory, phases, precision)
     else:
         config, parts = build_parts(model)
         adapter = StandaloneModel(path=work / f"random-{model}.safetensors", config=config, parts=parts,
@@ -204,7 +206,8 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
     phases.mark("finish")
     times = [b - a for a, b in zip(marks, marks[1:])][max(0, warmup - 1):]
     peak = max(_status_bytes("VmHWM"), load.pop("before_peak", 0)) if load else peak_rss_bytes()
-    return {"step_times": times, "peak_rss": peak, "built_rss": built_rss, **load, **phases.summary()}
+    low = {"precision": adapter.low_memory.describe()} if getattr(adapter, "low_memory", None) else {}
+    return {"step_times": times, "peak_rss": peak, "built_rss": built_rss, **load, **low, **phases.summary()}
 
 
 # ---- theirs: the diffusers textual-inversion example's step --------------------------------------------------
@@ -317,7 +320,7 @@ def run_side(args) -> None:
         sizes = (args.model, args.size, args.images, args.warmup, args.steps, Path(tmp))
         if args.side in ("ours", "ours-low"):
             result = run_ours(*sizes, ckpt=files / "model.safetensors" if files else None,
-                              low_memory=args.side == "ours-low")
+                              low_memory=args.side == "ours-low", precision=args.low_memory_precision)
         else:
             result = run_theirs(*sizes, folder=files / "diffusers" if files else None,
                                 keep_freed_memory=args.side == "theirs-malloc")
@@ -345,6 +348,7 @@ def spawn(side: str, args, files: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--size", str(args.size),
            "--images", str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     cmd += ["--files", str(files)] if files else []
+    cmd += ["--low-memory-precision", args.low_memory_precision] if side == "ours-low" else []
     from bench_load import BENCH_DEPS, child_env, run_json
 
     return run_json(cmd, f"{side} run", child_env(str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None), cwd=ROOT)
@@ -362,6 +366,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps in each run")
     parser.add_argument("--rounds", type=int, default=2, help="subprocess runs per side, alternating")
     parser.add_argument("--no-low-memory", action="store_true", help="leave out the --low-memory side")
+    parser.add_argument("--low-memory-precision", choices=["auto", "bf16", "fp16"], default="auto",
+                        help="the --low-memory side's layer weights/compute: auto (bf16/bf16 where the CPU has "
+                             "bfloat16 instructions, else fp16/fp32, as the option picks), bf16, fp16 (fp16/fp32)")
     parser.add_argument("--theirs-malloc", action="store_true",
                         help="also time theirs with ours' glibc setting (M_TOP_PAD), for reference")
     parser.add_argument("--phases", action="store_true",
@@ -394,6 +401,7 @@ def main() -> None:
                 results[side].append(res)
                 load = (f", load: peak {res['load_peak'] / res['weights']:.3f}x / after {res['load_after'] / res['weights']:.3f}x "
                         f"the {res['weights'] / 2**30:.2f} GiB loaded" if "load_peak" in res else "")
+                load += f", {res['precision']}" if "precision" in res else ""
                 print(f"round {i + 1} {side:13s}: median step {statistics.median(res['step_times']):.3f}s "
                       f"({', '.join(f'{t:.2f}' for t in res['step_times'])}), peak RSS {res['peak_rss'] / 2**30:.2f} GiB "
                       f"(after model build {res['built_rss'] / 2**30:.2f} GiB){load}", flush=True)

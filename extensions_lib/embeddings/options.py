@@ -49,9 +49,12 @@ class EmbeddingMethodOptions(TrainingOptions):
                                        "nor most rows of the token-embedding matrix: keep them in RAM (GPU) or a "
                                        "temporary file (CPU) meanwhile (like the WebUI's 'Move VAE and CLIP to RAM')")
     low_memory: bool = option(False, label="Low-memory training", group=_EMB,
-                              help="keep the frozen UNet and text-encoder layer weights in float16 and compute each "
-                                   "layer in float32 as it runs (about half the model's memory; the same values for "
-                                   "float16 checkpoints; a little slower)")
+                              help="keep the frozen UNet and text-encoder layer weights in 16 bits (about half the "
+                                   "model's memory): on a CUDA GPU with bfloat16 or a CPU with AVX512-BF16/AMX "
+                                   "(torch >= 2.4) stored and computed in bfloat16 (faster; results within about 1 "
+                                   "percent of float32), elsewhere stored in float16 and computed in float32 layer by "
+                                   "layer (the same values for float16 checkpoints; slower); the embedding and its "
+                                   "optimizer stay float32; the choice is recorded in the run's provenance")
     save_image_with_stored_embedding: bool = option(True, label="Save images with embedding in PNG chunks",
                                                     group=_EMB,
                                                     help="with each preview, also write the embedding inside a PNG "

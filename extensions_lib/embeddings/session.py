@@ -9,6 +9,7 @@ duration; leaving the session restores the model exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from typing import Callable
@@ -106,7 +107,9 @@ class TrainingSession:
         method.away = OffloadSet(parts) if parts else None
         setup.undo_with(lambda: setattr(method, "away", None))
         setup.release_memory()
-        setup.apply(low_memory_layers(self.adapter, method.plan.options.low_memory))  # before the lean layers swap
+        precision = setup.apply(low_memory_layers(self.adapter, method.plan.options.low_memory))  # before lean_backward
+        if precision is not None:
+            method.provenance = dataclasses.replace(method.provenance, precision=precision.describe())
         setup.lean_backward()
         return train(method, method.plan, callbacks, cancel)
 

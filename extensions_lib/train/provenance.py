@@ -23,6 +23,9 @@ class Provenance:
     source_note: str = ""
     """The user's note on where the images come from / permission to use them."""
     method: str = ""
+    precision: str = ""
+    """How the frozen model computed when not in its loaded dtype (low-memory training, e.g. "weights
+    bfloat16, compute bfloat16"); "" otherwise."""
     trainer: str = field(default=f"alchemy {__version__}")
     created: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
 
