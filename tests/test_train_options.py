@@ -70,7 +70,9 @@ def test_eight_bit_adam_falls_back_with_a_message(monkeypatch):
 
     from extensions_lib.train.optimizers import adamw
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as if not installed
+    real = importlib.util.find_spec  # only bitsandbytes missing (other libraries imported meanwhile must be found)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k))
     w = torch.zeros(3, requires_grad=True)
     opt, note = adamw([{"params": [w]}], 0.01, eight_bit=True)
     assert type(opt) is torch.optim.AdamW and "bitsandbytes" in note
