@@ -1,6 +1,7 @@
 """The DreamBooth training job for the Train sub-tab and the API (``function(TrainRequest, JobContext)``)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from ..errors import AlchemyError
@@ -22,8 +23,12 @@ def train_dreambooth_file(request: TrainRequest, job) -> TrainResult:
                            "of GPU memory (--medvram)",
                            fix="choose mode 'lora' (little memory), or restart the WebUI without --medvram")
     job.update(message="generating missing class images, then encoding the images")
-    result = train_dreambooth(adapter, options, callbacks=[job.train_callback], cancel=job.cancel,
-                              say=lambda line: job.update(message=line))
+    # A host that merges networks (<lora:...>) into the weights gives them back unmerged for the whole run:
+    # class images, training and the saved checkpoint start from the checkpoint's own weights.
+    own_weights = getattr(adapter, "own_weights", None)
+    with own_weights() if callable(own_weights) else contextlib.nullcontext():
+        result = train_dreambooth(adapter, options, callbacks=[job.train_callback], cancel=job.cancel,
+                                  say=lambda line: job.update(message=line))
     request.context.files_changed("lora" if options.mode == "lora" else "checkpoints")
     job.update(message=describe_training(result, "DreamBooth model", options.model_name))
     return result

@@ -250,6 +250,13 @@ class WebUIModelAdapter:
         return [(name, m) for name, m in root.named_modules()
                 if isinstance(getattr(m, "to_k", None), nn.Linear) and isinstance(getattr(m, "to_v", None), nn.Linear)]
 
+    def own_weights(self) -> contextlib.AbstractContextManager:
+        """The checkpoint's own weights inside the block: the Lora extension's merged networks undone and
+        kept from re-merging (:mod:`.merged_networks`); it applies them afresh at the next generation."""
+        from .merged_networks import own_weights
+
+        return own_weights(self.sd_model)
+
     # --- placement -----------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         if self.family == "sdxl":
