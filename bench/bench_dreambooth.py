@@ -302,8 +302,33 @@ def cached_files(model: str, cache: Path) -> Path:
     return folder
 
 
+NEEDS_GIB = {"full": 19.0, "lora": 6.0}
+"""Memory a full-size side of each mode may take (a full fine-tune: weights, gradients, AdamW state, and in
+ours a copy of the original UNet), waited for so a run does not push the other users of the machine out."""
+
+
+def wait_for_memory(gib: float, patience_s: float = 900.0) -> None:
+    """Wait (up to `patience_s`) until the kernel reports `gib` GiB available; stop the bench if it never is."""
+    def available() -> float:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")) / 2**20
+
+    deadline, told = time.monotonic() + patience_s, False
+    while available() < gib and time.monotonic() < deadline:
+        if not told:
+            print(f"waiting for {gib:.0f} GiB of free memory ({available():.1f} GiB available now)", flush=True)
+            told = True
+        time.sleep(15)
+    if available() < gib:
+        raise SystemExit(f"bench_dreambooth: {available():.1f} GiB of memory available after waiting "
+                         f"{patience_s:.0f}s, a side needs about {gib:.0f} GiB; rerun when the machine is quieter")
+
+
 def spawn(side: str, args, files: Path) -> dict:
     from bench_load import BENCH_DEPS, child_env, run_json
+
+    if args.model == "full":
+        wait_for_memory(NEEDS_GIB[side.split("-")[1]])
 
     cmd = [sys.executable, __file__, "--side", side, "--resolution", str(args.resolution), "--images",
            str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps), "--files", str(files)]
