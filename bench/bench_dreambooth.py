@@ -391,6 +391,8 @@ def main() -> None:
                       f"trains {res['trained'] / 1e6:.3f}M params, moved {res['moved']:.2e}, losses "
                       f"{', '.join(f'{x:.3f}' for x in res['losses'])}", flush=True)
             ours, theirs = results[pair[1]][-1], results[pair[0]][-1]
+            if mode == "full" and ours["trained"] != theirs["trained"]:
+                problems.append(f"full: ours trains {ours['trained']} parameters, theirs {theirs['trained']}")
             print(f"{mode} pair {i + 1}: step ours/theirs "
                   f"{statistics.median(ours['step_times']) / statistics.median(theirs['step_times']):.3f}, "
                   f"peak RSS ours/theirs {ours['peak_rss'] / theirs['peak_rss']:.3f}", flush=True)
