@@ -284,8 +284,9 @@ def run_side(args) -> None:
 
 
 def cached_files(model: str, cache: Path) -> Path:
-    """The model file and the diffusers folder for `model`, written once into `cache`."""
-    from bench_textual_inversion import write_files
+    """The model file and the diffusers folder for `model`, written once into `cache` (by a child process, so
+    the memory of the model loaded to write the folder goes with it)."""
+    import subprocess
 
     folder = cache / model
     if (folder / "complete").exists():
@@ -294,7 +295,7 @@ def cached_files(model: str, cache: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(prefix=f"{model}-partial-", dir=cache))
     started = time.perf_counter()
-    write_files(model, partial)
+    subprocess.run([sys.executable, __file__, "--write-files", str(partial), "--model", model], check=True, cwd=ROOT)
     (partial / "complete").write_text("")
     partial.rename(folder)
     print(f"wrote the model file and the diffusers folder into {folder} in {time.perf_counter() - started:.0f}s",
@@ -302,12 +303,12 @@ def cached_files(model: str, cache: Path) -> Path:
     return folder
 
 
-NEEDS_GIB = {"full": 19.0, "lora": 6.0}
-"""Memory a full-size side of each mode may take (a full fine-tune: weights, gradients, AdamW state, and in
-ours a copy of the original UNet), waited for so a run does not push the other users of the machine out."""
+NEEDS_GIB = {"ours-full": 19.0, "theirs-full": 16.0, "ours-lora": 6.0, "theirs-lora": 6.0}
+"""Memory a full-size side may take (a full fine-tune: weights, gradients and AdamW state of the UNet, and in
+ours a copy of its original weights), waited for so a run does not push the other users of the machine out."""
 
 
-def wait_for_memory(gib: float, patience_s: float = 900.0) -> None:
+def wait_for_memory(gib: float, patience_s: float) -> None:
     """Wait (up to `patience_s`) until the kernel reports `gib` GiB available; stop the bench if it never is."""
     def available() -> float:
         with open("/proc/meminfo") as fh:
@@ -328,7 +329,7 @@ def spawn(side: str, args, files: Path) -> dict:
     from bench_load import BENCH_DEPS, child_env, run_json
 
     if args.model == "full":
-        wait_for_memory(NEEDS_GIB[side.split("-")[1]])
+        wait_for_memory(NEEDS_GIB[side], args.wait)
 
     cmd = [sys.executable, __file__, "--side", side, "--resolution", str(args.resolution), "--images",
            str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps), "--files", str(files)]
@@ -359,9 +360,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="adjacent ours/theirs pairs per mode")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "alchemy-bench-dreambooth"),
                         help="folder keeping the model file and the diffusers folder between runs")
+    parser.add_argument("--wait", type=float, default=300.0,
+                        help="seconds to wait for the memory a full-size side needs before giving up")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
+    parser.add_argument("--write-files", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_files:
+        from bench_textual_inversion import write_files
+
+        write_files(args.model, Path(args.write_files))
+        return
     if args.side:
         run_side(args)
         return
