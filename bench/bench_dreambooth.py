@@ -216,11 +216,11 @@ def run_theirs(mode: str, args, work: Path, folder: Path) -> dict:
         unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
         params = [p for p in unet.parameters() if p.requires_grad]
-        probe = [(n, p) for n, p in unet.named_parameters() if p.requires_grad and "lora_B" in n][0][1]
+        probes = [p for n, p in unet.named_parameters() if p.requires_grad and "lora_B" in n]   # start at zero
     else:
         params = list(unet.parameters())
-        probe = dict(unet.named_parameters())[UNET_PROBE[0]]
-    probe_before = probe.detach().clone()
+        probes = [dict(unet.named_parameters())[UNET_PROBE[0]]]
+    probes_before = [p.detach().clone() for p in probes]
     optimizer = torch.optim.AdamW(params, lr=THEIR_LR[mode], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     from diffusers.optimization import get_scheduler
 
@@ -262,7 +262,7 @@ def run_theirs(mode: str, args, work: Path, folder: Path) -> dict:
             peak = _status_bytes("VmHWM")
     return {"step_times": times[args.warmup:], "peak_rss": peak, "end_peak_rss": _status_bytes("VmHWM"),
             "built_rss": built_rss, "losses": losses, "trained": sum(p.numel() for p in params),
-            "moved": float((probe.detach() - probe_before).abs().max())}
+            "moved": max(float((p.detach() - b).abs().max()) for p, b in zip(probes, probes_before))}
 
 
 # ---- driver -----------------------------------------------------------------------------------------------------
