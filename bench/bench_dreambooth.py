@@ -49,8 +49,11 @@ trains, and that they moved (ours: read back from the file it wrote).
     .venv/bin/pip install --no-deps --target .cache/bench-deps -r bench/requirements.txt   # accelerate, peft
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_dreambooth.py
 
-``--model tiny`` (or ``--size tiny``) runs it on the tiny test model in seconds (a check of the script only).
-A full fine-tune holds about 16 GB per process: run full size only under the lock, and little else beside it.
+``--model tiny`` (or ``--size tiny``) runs it on the tiny test model in a minute or two (a check of the script
+only). A full fine-tune holds 16-19 GB per process: run full size only under the lock, and little else beside
+it; before each full-size side the bench waits (``--wait`` seconds) for the memory that side needs and stops
+if it does not come. On two shared cores a full-size run takes about 5-8 minutes per side (``--modes full``
+or ``--modes lora`` and ``--rounds 1`` shorten it).
 """
 from __future__ import annotations
 
