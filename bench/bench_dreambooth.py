@@ -114,7 +114,8 @@ def run_ours(mode: str, args, work: Path, ckpt: Path) -> dict:
         training_height=args.resolution, batch_size=1, steps=args.warmup + args.steps, seed=0,
         learn_rate=str(THEIR_LR[mode]), lora_rank=LORA_RANK, lora_alpha=float(LORA_RANK), save_every=0,
         create_image_every=0, write_csv_every=0, save_resume_state=False, save_training_settings=False,
-        log_directory=str(work / "logs"), checkpoints_dir=str(work / "checkpoints"), lora_dir=str(work / "lora"))
+        log_directory=str(work / "logs"), checkpoints_dir=str(work / "checkpoints"), lora_dir=str(work / "lora"),
+        keep_trained_weights=args.keep_trained_weights)
     marks: list[float] = []
     peaks: list[int] = []
 
@@ -332,11 +333,11 @@ def spawn(side: str, args, files: Path) -> dict:
     from bench_load import BENCH_DEPS, child_env, run_json
 
     if args.model == "full":
-        wait_for_memory(NEEDS_GIB[side], args.wait)
+        wait_for_memory(NEEDS_GIB[side] - (3.5 if args.keep_trained_weights and side == "ours-full" else 0), args.wait)
 
     cmd = [sys.executable, __file__, "--side", side, "--resolution", str(args.resolution), "--images",
            str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps), "--files", str(files)]
-    cmd += [] if args.prior else ["--no-prior"]
+    cmd += ([] if args.prior else ["--no-prior"]) + (["--keep-trained-weights"] if args.keep_trained_weights else [])
     return run_json(cmd, f"{side} run", child_env(str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None), cwd=ROOT)
 
 
@@ -358,6 +359,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="instance images (and as many class images)")
     parser.add_argument("--no-prior", dest="prior", action="store_false",
                         help="without prior preservation (diffusers' default); by default both sides use it")
+    parser.add_argument("--keep-trained-weights", action="store_true",
+                        help="ours with --keep-trained-weights (no copy of the original UNet kept to restore it)")
     parser.add_argument("--warmup", type=int, default=1, help="steps not timed in each run")
     parser.add_argument("--steps", type=int, default=3, help="timed steps in each run")
     parser.add_argument("--rounds", type=int, default=2, help="adjacent ours/theirs pairs per mode")
@@ -410,7 +413,7 @@ def main() -> None:
                   f"peak RSS ours/theirs {ours['peak_rss'] / theirs['peak_rss']:.3f}", flush=True)
 
     print(f"\n{args.model} SD1.5 architecture, {args.resolution}x{args.resolution}, batch 1, prior preservation "
-          f"{'on' if args.prior else 'off'}, CPU float32, {os.cpu_count()} CPUs, {args.rounds} pairs per mode, "
+          f"{'on' if args.prior else 'off'}{', ours --keep-trained-weights' if args.keep_trained_weights else ''}, CPU float32, {os.cpu_count()} CPUs, {args.rounds} pairs per mode, "
           f"{args.steps} timed steps per run")
     print(f"{'':13s}{'step':>9s}{'peak RSS':>13s}{'end peak':>13s}{'step/theirs':>13s}{'RSS/theirs':>12s}"
           f"{'pair ratios step; RSS':>26s}")
