@@ -211,7 +211,8 @@ def run_json(cmd: list[str], what: str, env: dict | None = None, cwd=None) -> di
     A failing run stops the bench with `what` and the end of its stderr."""
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{what} failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
+        why = "killed by SIGKILL: out of memory?" if out.returncode == -9 else f"exit status {out.returncode}"
+        raise SystemExit(f"{what} failed, {why} ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
