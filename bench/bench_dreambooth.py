@@ -14,8 +14,9 @@ images already on disk (nothing is generated), every image SIZE x SIZE.
   against theirs): latents cached once per image (no VAE encode per step), each prompt encoded once (the
   text encoder is frozen), no gradient clipping (a finiteness check of the gradient norm instead),
   gradients set to None after each step, LoRA on all Linear/1x1 layers of the UNet's transformer blocks
-  (kohya's choice: attention, feed-forward, proj_in/out) with alpha = rank, and, in full mode, a copy of the
-  original UNet weights kept to restore them after the run (``keep_trained_weights`` off). Step time is
+  (kohya's choice: attention, feed-forward, proj_in/out) with alpha = rank, the VAE (and the frozen text
+  encoder, its prompts encoded) moved out of memory during the steps (``offload_unused``), and, as the CLI,
+  ``model_reused=False``: no copy of the original weights is kept (the process ends after the run). Step time is
   measured between the loop's per-step progress callbacks, so everything the loop does counts.
 - theirs-full: a re-implementation of the training step of diffusers' ``examples/dreambooth/train_dreambooth.py``
   (v0.31.0, the diffusers version of our env) with its defaults: models ``from_pretrained`` from the folder
@@ -114,8 +115,7 @@ def run_ours(mode: str, args, work: Path, ckpt: Path) -> dict:
         training_height=args.resolution, batch_size=1, steps=args.warmup + args.steps, seed=0,
         learn_rate=str(THEIR_LR[mode]), lora_rank=LORA_RANK, lora_alpha=float(LORA_RANK), save_every=0,
         create_image_every=0, write_csv_every=0, save_resume_state=False, save_training_settings=False,
-        log_directory=str(work / "logs"), checkpoints_dir=str(work / "checkpoints"), lora_dir=str(work / "lora"),
-        keep_trained_weights=args.keep_trained_weights)
+        log_directory=str(work / "logs"), checkpoints_dir=str(work / "checkpoints"), lora_dir=str(work / "lora"))
     marks: list[float] = []
     peaks: list[int] = []
 
@@ -124,7 +124,7 @@ def run_ours(mode: str, args, work: Path, ckpt: Path) -> dict:
             marks.append(time.perf_counter())
             peaks.append(_status_bytes("VmHWM"))
 
-    result = train_dreambooth(adapter, options, callbacks=on_step)
+    result = train_dreambooth(adapter, options, callbacks=on_step, model_reused=False)  # as the CLI calls it
     # marks[k]: the end of step k+1, so the differences time steps 2..N; the first `warmup - 1` go too.
     times = [b - a for a, b in zip(marks, marks[1:])][max(0, args.warmup - 1):]
     trained, moved = _ours_trained(mode, adapter, result.final_path, probe_before)
@@ -307,7 +307,7 @@ def cached_files(model: str, cache: Path) -> Path:
     return folder
 
 
-NEEDS_GIB = {"ours-full": 21.0, "theirs-full": 17.0, "ours-lora": 7.0, "theirs-lora": 7.0}
+NEEDS_GIB = {"ours-full": 17.5, "theirs-full": 17.0, "ours-lora": 7.0, "theirs-lora": 7.0}
 """Memory a full-size side may take (a full fine-tune: weights, gradients and AdamW state of the UNet, and in
 ours a copy of its original weights), waited for so a run does not push the other users of the machine out."""
 
@@ -333,11 +333,11 @@ def spawn(side: str, args, files: Path) -> dict:
     from bench_load import BENCH_DEPS, child_env, run_json
 
     if args.model == "full":
-        wait_for_memory(NEEDS_GIB[side] - (3.5 if args.keep_trained_weights and side == "ours-full" else 0), args.wait)
+        wait_for_memory(NEEDS_GIB[side], args.wait)
 
     cmd = [sys.executable, __file__, "--side", side, "--resolution", str(args.resolution), "--images",
            str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps), "--files", str(files)]
-    cmd += ([] if args.prior else ["--no-prior"]) + (["--keep-trained-weights"] if args.keep_trained_weights else [])
+    cmd += [] if args.prior else ["--no-prior"]
     return run_json(cmd, f"{side} run", child_env(str(BENCH_DEPS) if BENCH_DEPS.is_dir() else None), cwd=ROOT)
 
 
@@ -359,8 +359,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="instance images (and as many class images)")
     parser.add_argument("--no-prior", dest="prior", action="store_false",
                         help="without prior preservation (diffusers' default); by default both sides use it")
-    parser.add_argument("--keep-trained-weights", action="store_true",
-                        help="ours with --keep-trained-weights (no copy of the original UNet kept to restore it)")
     parser.add_argument("--warmup", type=int, default=1, help="steps not timed in each run")
     parser.add_argument("--steps", type=int, default=3, help="timed steps in each run")
     parser.add_argument("--rounds", type=int, default=2, help="adjacent ours/theirs pairs per mode")
@@ -413,7 +411,7 @@ def main() -> None:
                   f"peak RSS ours/theirs {ours['peak_rss'] / theirs['peak_rss']:.3f}", flush=True)
 
     print(f"\n{args.model} SD1.5 architecture, {args.resolution}x{args.resolution}, batch 1, prior preservation "
-          f"{'on' if args.prior else 'off'}{', ours --keep-trained-weights' if args.keep_trained_weights else ''}, CPU float32, {os.cpu_count()} CPUs, {args.rounds} pairs per mode, "
+          f"{'on' if args.prior else 'off'}, CPU float32, {os.cpu_count()} CPUs, {args.rounds} pairs per mode, "
           f"{args.steps} timed steps per run")
     print(f"{'':13s}{'step':>9s}{'peak RSS':>13s}{'end peak':>13s}{'step/theirs':>13s}{'RSS/theirs':>12s}"
           f"{'pair ratios step; RSS':>26s}")
