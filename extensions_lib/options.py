@@ -172,6 +172,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, cls, *, skip: Sequence[st
         if spec.default not in (None, "", []):
             shown = spec.default.value if isinstance(spec.default, enum.Enum) else spec.default
             help_text += f" [default: {shown}]"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help ("30% slower" would pull in its dict)
         dest = spec.name
         if spec.type is bool and not spec.multiple:
             parser.add_argument(spec.cli, dest=dest, action=argparse.BooleanOptionalAction,

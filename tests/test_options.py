@@ -117,3 +117,35 @@ def test_only_renders_the_named_options():
     with gr.Blocks(analytics_enabled=False):
         comps = gradio_components(Opts, only=["steps", "mode"])
     assert list(comps) == ["steps", "mode"]
+
+
+def test_help_text_with_a_percent_sign_shows_as_written():
+    """argparse %-formats help strings: "30% slower" must print as is, not pull in argparse's own dict."""
+    from extensions_lib.options import option
+
+    @dataclass
+    class WithPercent:
+        fast: bool = option(False, help="about 30% slower, 100%% sure")
+
+    parser = argparse.ArgumentParser(prog="x")
+    add_cli_arguments(parser, WithPercent)
+    text = " ".join(parser.format_help().split())
+    assert "about 30% slower, 100%% sure [default: False]" in text and "option_strings" not in text
+
+
+def test_every_commands_help_renders_cleanly(capsys):
+    """Each subcommand's --help (generated from the option declarations) prints without argparse internals."""
+    from extensions_lib.cli import build_parser
+
+    parser, problems = build_parser()
+    assert problems == []
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    seen = 0
+    stack = list(subparsers)
+    while stack:
+        for name, sub in stack.pop().choices.items():
+            text = sub.format_help()
+            assert "option_strings" not in text, name
+            seen += 1
+            stack += [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+    assert seen > 10
