@@ -14,6 +14,9 @@ is per process).
     flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_apt.py
 
 ``--model tiny`` runs the same on the tiny test model in seconds (a check of the script only).
+``--device cuda`` runs it on a GPU with the model in the file's half precision (as ``alchemy apt train --device
+cuda`` loads it) and also reports the reconstruction runs' device peak memory; the target is meant for a GPU,
+where one call on the doubled batch uses the device better than two (on the CPU the UNet is compute bound).
 """
 from __future__ import annotations
 
@@ -82,7 +85,10 @@ def run_side(side: str, args, work: Path) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    adapter = load_model(checkpoint(args.model, Path(args.cache)), dtype=torch.float32)
+    cuda = args.device.startswith("cuda")
+    # float32 on the CPU; elsewhere what `alchemy apt train --device ...` loads (the file's half precision)
+    adapter = load_model(checkpoint(args.model, Path(args.cache)), device=args.device,
+                         dtype=None if cuda else torch.float32)
     built_rss = current_rss_bytes()
     (work / "data").mkdir()
     for i in range(args.images):
@@ -103,11 +109,17 @@ def run_side(side: str, args, work: Path) -> dict:
         if side == "paired":
             fused, naive = method.loss, naive_loss(method)
             method.loss = lambda batch, step: (naive if step % 2 else fused)(batch, step)
-        session.train(callbacks=lambda p: marks.append(time.perf_counter()) if p.saved is None or p.step == 0
-                      else None)
+        def mark(p) -> None:
+            if p.saved is None or p.step == 0:
+                if cuda:
+                    torch.cuda.synchronize()  # a step ends when the device is done with it
+                marks.append(time.perf_counter())
+
+        session.train(callbacks=mark)
     # marks[0]: the start report; marks[k]: the end of step k (1-based), so step s (0-based) took marks[s+1]-marks[s].
     times = [b - a for a, b in zip(marks, marks[1:])][:total]
-    result = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "built_rss": built_rss}
+    result = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "built_rss": built_rss,
+              "peak_device": torch.cuda.max_memory_allocated() if cuda else None}
     if side != "paired":
         return {**result, "step_times": times[args.warmup:]}
     pairs = [(times[s], times[s + 1]) for s in range(0, len(times) - 1, 2)][args.warmup:]
@@ -118,7 +130,7 @@ def run_side(side: str, args, work: Path) -> dict:
 def spawn(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--size", str(args.size),
            "--batch", str(args.batch), "--images", str(args.images), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--cache", args.cache, "--threads", str(args.threads)]
+           "--steps", str(args.steps), "--cache", args.cache, "--threads", str(args.threads), "--device", args.device]
     from bench_load import run_json
 
     return run_json(cmd, f"{side} run", cwd=ROOT)
@@ -137,6 +149,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "alchemy-bench-apt"),
                         help="folder for the random-weight checkpoint (written once)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (the model in the file's half precision, "
+                        "autocast as training uses it there; device peak memory reported too)")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -150,7 +164,8 @@ def main() -> None:
     for i, (f, n, r) in enumerate(zip(fused, naive, ratios)):
         print(f"pair {i + 1}: fused {f:.3f}s, naive {n:.3f}s, ratio {r:.3f}", flush=True)
     ratio = statistics.median(ratios)
-    print(f"\n{args.model} SD1.5 architecture, {args.size}x{args.size}, batch {args.batch}, CPU float32, "
+    print(f"\n{args.model} SD1.5 architecture, {args.size}x{args.size}, batch {args.batch}, "
+          f"{'CPU float32' if args.device == 'cpu' else args.device + ' half precision'}, "
           f"{len(ratios)} pairs of adjacent steps")
     print(f"step time: naive median {statistics.median(naive):.3f}s, fused median {statistics.median(fused):.3f}s; "
           f"fused/naive median of pair ratios {ratio:.3f} (target <= {TIME_TARGET}: "
@@ -160,7 +175,8 @@ def main() -> None:
             res = spawn(side, args)
             print(f"reconstruction-loss step {label}: median {statistics.median(res['step_times']):.3f}s, peak RSS "
                   f"{res['peak_rss'] / 2**30:.2f} GiB ({(res['peak_rss'] - res['built_rss']) / 2**30:.2f} GiB above "
-                  "the loaded model)", flush=True)
+                  "the loaded model)" + (f", device peak {res['peak_device'] / 2**30:.2f} GiB" if res["peak_device"]
+                                         else ""), flush=True)
     print("\nrerun: flock /tmp/alchemy-bench.lock .venv/bin/python bench/bench_apt.py " + " ".join(sys.argv[1:]))
 
 
