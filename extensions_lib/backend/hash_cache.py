@@ -39,7 +39,7 @@ def _read(cache_path: Path) -> dict:
 def cached_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """sha256 of `path`, from the cache while the file's size and mtime are unchanged."""
     if cache_dir is None:
-        from .tokenizer import default_cache_dir
+        from ..cache_dir import default_cache_dir
 
         cache_dir = default_cache_dir()
     path = Path(path).resolve()

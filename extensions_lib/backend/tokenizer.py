@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..atomic import write_text
+from ..cache_dir import CACHE_ENV, default_cache_dir
 from ..errors import AlchemyError
 
 ID_START = 49406
@@ -32,16 +33,7 @@ VOCAB_SIZE = 49408
 # CLIP keeps only the first merges of the BPE file: 49152 minus the 256 byte symbols and 2 specials.
 N_MERGES = 49152 - 256 - 2
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
-CACHE_ENV = "ALCHEMY_CACHE_DIR"
 KINDS = ("clip", "open_clip")
-
-
-def default_cache_dir() -> Path:
-    """$ALCHEMY_CACHE_DIR, else $XDG_CACHE_HOME/alchemy, else ~/.cache/alchemy."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "alchemy"
 
 
 def bpe_vocab_path() -> Path:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import atomic_open, write_text
+from ..cache_dir import default_cache_dir
 from ..errors import AlchemyError
 from ..tagger.cache import ScoreCache, WrittenTags, content_hash
 from ..tagger.captions import check_options, merge_caption
@@ -36,11 +37,6 @@ from .options import BlipOptions, CaptionRunOptions, ComposeOptions, Interrogate
 KOHYA_FILE = "meta_cap.json"
 JSONL_FILE = "metadata.jsonl"
 CPU_BATCH, GPU_BATCH = 4, 16
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "alchemy"
 
 
 @dataclass

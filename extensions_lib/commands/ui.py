@@ -55,7 +55,8 @@ def parse_auth(text: str | None) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ui.app import ModelHolder, default_cache_dir, launch, standalone_context
+    from ..cache_dir import default_cache_dir
+    from ..ui.app import ModelHolder, launch, standalone_context
     from ..jobs.thread_runner import ThreadJobRunner
 
     command = from_cli(UiCommand, args)

@@ -17,7 +17,7 @@ from ..tagger.image_io import ImageSkipped, decode_image
 
 
 def default_thumb_dir() -> Path:
-    from ..backend.tokenizer import default_cache_dir
+    from ..cache_dir import default_cache_dir
 
     return default_cache_dir() / "thumbnails"
 

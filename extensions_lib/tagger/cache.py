@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_open
+from ..cache_dir import default_cache_dir as alchemy_cache_dir
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "alchemy" / "tagger"
+    return alchemy_cache_dir() / "tagger"
 
 
 def content_hash(data: bytes) -> str:

@@ -8,7 +8,6 @@ the cache folder (seconds, nothing downloaded).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -22,11 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT_PATH = REPO_ROOT / "javascript" / "alchemy.js"
 STYLE_PATH = REPO_ROOT / "style.css"
 DEMO_CHECKPOINT = "tiny-sd1-demo.safetensors"
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "alchemy"
 
 
 def demo_checkpoint(cache_dir: Path) -> Path:
