@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ..errors import AlchemyError
+from ..weights_file import unwrap_state_dict
 from ..tagger.models import fetch_pinned, hub_reachable
 
 DEFAULT_CLIP_DIR = Path("models") / "aesthetic_clip"
@@ -127,9 +128,7 @@ def read_tensors(file: Path, keep: Callable[[str], bool]) -> dict[str, torch.Ten
             return {k: fh.get_tensor(k) for k in fh.keys() if keep(k)}
     from ..safe_pickle import safe_load
 
-    data = safe_load(file)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
+    data = unwrap_state_dict(safe_load(file))
     if not isinstance(data, dict):
         raise AlchemyError("not a state dict of tensors", file, "give the CLIP model's weights file")
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor) and keep(k)}

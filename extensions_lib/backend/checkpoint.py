@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AlchemyError
+from ..weights_file import unwrap_state_dict
 from . import keymap
 
 FIX_REDOWNLOAD = "download or copy the checkpoint again"
@@ -205,8 +206,7 @@ def _safetensors_header(path: Path, size: int, head: bytes) -> tuple[dict, int] 
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    obj = unwrap_state_dict(obj)
     if not isinstance(obj, dict) or not obj:
         raise AlchemyError("not a model checkpoint: the file holds no tensor dictionary", path,
                            "choose a Stable Diffusion .safetensors or .ckpt file")

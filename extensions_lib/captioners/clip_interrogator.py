@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AlchemyError
+from ..weights_file import read_state_dict
 from .base import pick_device, quick_digest
 from .labels import LabelTable, build_table, table_labels
 from .options import InterrogateOptions
@@ -56,18 +57,7 @@ def truncate_to_fit(text: str, budget: int = 75, separator: str = ", ") -> str:
 # ---- loading -----------------------------------------------------------------------------------
 
 def _state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    from ..safe_pickle import safe_load
-
-    state = safe_load(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise AlchemyError("not a CLIP state dict", path, "pass open_clip weights (.safetensors/.bin/.pt)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return read_state_dict(path, "not a CLIP state dict", "pass open_clip weights (.safetensors/.bin/.pt)")
 
 
 def _openai_jit(path: Path):

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AlchemyError
+from ..weights_file import read_state_dict
 
 SIZE = 256
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -34,22 +35,6 @@ def build_model(backbone: str = "efficientnet_b3"):
     model.classifier = nn.Sequential(nn.Linear(model.classifier.in_features, 625), nn.ReLU(), nn.Dropout(p=0.3),
                                      nn.Linear(625, 256), nn.ReLU(), nn.Linear(256, 2))
     return model
-
-
-def read_state_dict(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    from ..safe_pickle import safe_load
-
-    state = safe_load(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise AlchemyError("not a state_dict", path, f"use watermark_model_v1.pt from {SOURCE}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def preprocess(images: list[Image.Image]):
@@ -79,7 +64,7 @@ class WatermarkClassifier:
         if not path.is_file():
             raise AlchemyError("watermark model not found", path, f"put {FILENAME} from {SOURCE} there")
         model = build_model()
-        state = read_state_dict(path)
+        state = read_state_dict(path, "not a state_dict", f"use watermark_model_v1.pt from {SOURCE}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise AlchemyError(f"not the LAION watermark classifier ({len(missing)} weights missing, e.g. "
