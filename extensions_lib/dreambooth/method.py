@@ -3,8 +3,8 @@
 In a :class:`~extensions_lib.train.setup.RunSetup` (every model weight frozen first), LoRA mode wraps the
 UNet's transformer layers (and the text encoder's, when asked) with new LoRA layers and trains only those;
 full mode unfreezes the UNet (and the text encoder) and trains its weights in place (half-precision ones as
-float32), restoring the original weights afterwards unless ``keep_trained_weights`` (:class:`OriginalWeights`). Missing class images are generated first with the model as
-loaded. The loss is instance + λ·prior (:mod:`.loss`), with eps or v targets as the model predicts.
+float32), restoring the original weights afterwards unless ``keep_trained_weights`` (:class:`OriginalWeights`).
+Missing class images are generated first with the model as loaded. The loss is instance + λ·prior (:mod:`.loss`), with eps or v targets as the model predicts.
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def train_dreambooth(adapter, options: DreamBoothTrainOptions | RunPlan, callbac
     return _train(adapter, plan_run(options), callbacks, cancel, None, model_reused)
 
 
-def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None, model_reused: bool = True) -> TrainResult:
+def _train(adapter, plan: RunPlan, callbacks, cancel, shard: Shard | None, model_reused: bool) -> TrainResult:
     options = plan.options
     _check_name(options.model_name)
     concepts = concepts_from_options(options)
