@@ -5,11 +5,14 @@ The model file is a 2 GB fp16 LDM ``.safetensors`` (written by bench_load.py's w
 and deleted afterwards), as users have; the diffusers example reads a diffusers folder, so that is written
 from it once too (float32 ``safetensors``, what ``save_pretrained`` makes).
 
-- ours: what ``alchemy embedding train`` runs: ``load_model`` from the file, then
+- ours: what ``alchemy embedding train`` runs: ``load_for_training`` from the file (``load_model`` with the
+  UNet's low-resolution layers read as training uses them), then
   :class:`~extensions_lib.embeddings.session.TrainingSession` and the trainer core's ``train()`` loop. What
   makes it cheaper: latents cached once per image; only the embedding's vectors trainable (no gradient,
   AdamW state or saved copy of the 49408-row matrix); the VAE and the unused token-embedding rows out of
-  memory while training; frozen convolutions and GEGLUs saving less for backward; glibc keeping freed memory
+  memory while training; frozen convolutions and GEGLUs saving less for backward; the layers that see 64
+  positions or fewer (most of the UNet's weights) holding the file's float16 weights and computing from row
+  chunks, faster than oneDNN's convolution there (``train/low_res_layers.py``); glibc keeping freed memory
   for the next step (``M_TOP_PAD``; see ``--theirs-malloc``). Step time is measured between the loop's
   per-step progress callbacks, so everything the loop does counts. The load's own peak and the memory held
   after it are reported against the size of the loaded weights.
@@ -138,14 +141,15 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
 
 
-def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases, precision: str = "auto") -> tuple[object, dict]:
+def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases, precision: str = "auto",
+              size: int = 256) -> tuple[object, dict]:
     """The model as the CLI loads it, with the load's own memory: peak and after, above the RSS before it."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (imports out of the measurement)
     from transformers import CLIPTextModel  # noqa: F401
 
-    from extensions_lib.backend.standalone import load_model
     from extensions_lib.train.low_memory import BF16, FP16_STORED, load_low_memory
+    from extensions_lib.train.low_res_layers import load_for_training
 
     torch.ones(8) @ torch.ones(8)
     phases.mark("imports")
@@ -154,7 +158,7 @@ def load_ours(ckpt: Path, low_memory: bool, phases: PeakPhases, precision: str =
         fh.write("5")
     baseline = _status_bytes("VmRSS")
     adapter = (load_low_memory(ckpt, precision={"auto": None, "bf16": BF16, "fp16": FP16_STORED}[precision])
-               if low_memory else load_model(ckpt))
+               if low_memory else load_for_training(ckpt, latent_hw=(size // 8, size // 8)))
     phases.mark("load")
     tensors = [t for m in adapter.modules().values() for t in [*m.parameters(), *m.buffers()]]
     load = {"load_peak": _status_bytes("VmHWM") - baseline, "load_after": _status_bytes("VmRSS") - baseline,
@@ -174,7 +178,7 @@ def run_ours(model: str, size: int, images: int, warmup: int, steps: int, work: 
 
     phases = PeakPhases()
     if ckpt is not None:
-        adapter, load = load_ours(ckpt, low_memory, phases, precision)
+        adapter, load = load_ours(ckpt, low_memory, phases, precision, size)
     else:
         config, parts = build_parts(model)
         adapter = StandaloneModel(path=work / f"random-{model}.safetensors", config=config, parts=parts,

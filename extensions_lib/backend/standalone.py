@@ -245,18 +245,34 @@ def _check_complete(parts: dict[str, torch.nn.Module], path: Path, layout: keyma
                            "the file is damaged or cut short; " + "download or copy it again")
 
 
+def _is_layer_weight(root: torch.nn.Module, key: str) -> bool:
+    module_name, _, name = key.rpartition(".")
+    try:
+        return name == "weight" and type(root.get_submodule(module_name)) in (torch.nn.Linear, torch.nn.Conv2d)
+    except AttributeError:
+        return False        # not in the model: _assign says so
+
+
 def _stream_weights(reader, parts: dict[str, torch.nn.Module], layout: keymap.Layout, home: torch.device,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, half_unet_layers: bool = False) -> dict[str, torch.Tensor]:
     """Convert and assign the file's tensors one at a time; returns the extras (EMA weights dropped).
+    With `half_unet_layers`, the UNet's Linear/Conv2d weights that the file holds in float16 stay float16.
 
     Tensors that are copied anyway (another dtype or device) are read into one scratch buffer reused for
     all of them (see :class:`~.checkpoint.CheckpointReader`); the others are read into memory of their own.
     """
     extras = {}
+    # diffusers takes a model's dtype from its first parameter and casts inputs to it: that one stays float32
+    first = next(iter(parts["unet"].named_parameters()))[0] if half_unet_layers else None
+
+    def kept_half(key: str) -> bool:
+        return half_unet_layers and reader.dtype(key) == torch.float16 and all(
+            piece.component == "unet" and piece.key != first and _is_layer_weight(parts["unet"], piece.key)
+            for piece in keymap.ldm_to_diffusers(key, layout))
 
     def copied(key: str) -> bool:
         stored = reader.dtype(key)
-        return stored.is_floating_point and (stored != dtype or home.type != "cpu")
+        return stored.is_floating_point and (stored != dtype or home.type != "cpu") and not kept_half(key)
 
     sizes = [reader.nbytes(key) for key in reader.keys() if copied(key)]
     scratch = torch.empty(max(sizes), dtype=torch.uint8) if sizes else None
@@ -272,9 +288,10 @@ def _stream_weights(reader, parts: dict[str, torch.nn.Module], layout: keymap.La
         if pieces[0].component not in parts:
             continue
         tensor = reader.take(key, scratch if copied(key) else None)
+        half = kept_half(key)
         for piece in pieces:
             value = keymap.to_diffusers_tensor(tensor, piece)
-            value = value.to(home, dtype) if value.is_floating_point() else value.to(home)
+            value = value.to(home, torch.float16 if half else dtype) if value.is_floating_point() else value.to(home)
             _assign(parts[piece.component], piece.key, value.contiguous(), reader.path, key)
         del tensor
     return extras
@@ -291,8 +308,12 @@ class LoadedParts:
 
 def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, config_override: ModelConfig | None = None,
-               offload: bool = False) -> LoadedParts:
+               offload: bool = False, half_unet_layers: bool = False) -> LoadedParts:
     """Detect the model in `path` and load the `names` parts of it (all by default) for `device`.
+
+    `half_unet_layers` (CPU float32 only): the UNet's Linear/Conv2d weights that the file holds in float16
+    stay float16, each layer computing in float32 from them (:func:`~..train.low_memory.install_upcast`), for a
+    caller that places them itself (:func:`~..train.low_res_layers.load_for_training`).
 
     The parts are placed on `device` ("auto": cuda when there is one), or kept on the CPU with `offload`.
     With "unet" among them, an SD2 file's prediction type is settled by the WebUI's probe (unless a yaml or
@@ -307,7 +328,14 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
         dtype = _compute_dtype(dtype, device, reader.dtype(keymap.UNET_PREFIX + "input_blocks.0.0.weight"))
         parts = {name: module for name, module in _build_on_meta(config).items() if name in names}
         layout = keymap.Layout.from_config(config)
-        extras = _stream_weights(reader, parts, layout, home, dtype)
+        half_unet_layers = half_unet_layers and "unet" in parts and home.type == "cpu" and dtype == torch.float32
+        extras = _stream_weights(reader, parts, layout, home, dtype, half_unet_layers)
+    if half_unet_layers:
+        from ..train.low_memory import install_upcast
+
+        for module in parts["unet"].modules():
+            if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and module.weight.dtype == torch.float16:
+                install_upcast(module)
     if "text_encoder" in parts:
         _materialize_buffers(parts, home)
     _check_complete(parts, path, layout)
@@ -331,16 +359,18 @@ def load_parts(path: str | os.PathLike, names: tuple[str, ...] = PARTS, device: 
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               config_override: ModelConfig | None = None, offload: bool = False) -> StandaloneModel:
+               config_override: ModelConfig | None = None, offload: bool = False,
+               half_unet_layers: bool = False) -> StandaloneModel:
     """Load an SD1/SD2 single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``) as a StandaloneModel.
 
     dtype: compute dtype; by default float32 on CPU, the file's half precision elsewhere.
     config_override: use this config instead of detecting one (its prediction type is final).
     offload: keep parts on the CPU until :meth:`StandaloneModel.use` needs them on `device`.
     device: where it runs; "auto" is cuda when there is one.
+    half_unet_layers: see :func:`load_parts`.
     """
     device = resolve_device(device)
-    loaded = load_parts(path, PARTS, device, dtype, config_override, offload)
+    loaded = load_parts(path, PARTS, device, dtype, config_override, offload, half_unet_layers)
     return StandaloneModel(path=Path(path), config=loaded.config, parts=loaded.parts,
                            alphas_cumprod=loaded.alphas_cumprod, device=device, offload=offload,
                            extras=loaded.extras)

@@ -130,7 +130,7 @@ def train_in_session(args: argparse.Namespace, options_cls: type, session_cls: t
     the plan, and `check(options)`, before the slow model load."""
     from tqdm import tqdm
 
-    from ..backend.standalone import load_model
+    from ..train.low_res_layers import load_for_training
 
     command = from_cli(ModelCommand, args)
     plan = training_plan(options_cls, args)
@@ -141,8 +141,9 @@ def train_in_session(args: argparse.Namespace, options_cls: type, session_cls: t
     if getattr(opts, "low_memory", False):
         from ..train.low_memory import load_low_memory
         adapter = load_low_memory(ckpt, device=command.device)
-    else:
-        adapter = load_model(ckpt, device=command.device)
+    else:       # the model is not used after training: its low-resolution layers are loaded as training has them
+        adapter = load_for_training(ckpt, device=command.device, batch=getattr(opts, "batch_size", 1),
+                                    latent_hw=(opts.training_height // 8, opts.training_width // 8))
     with session_cls(adapter, plan) as session:
         with tqdm(desc="encoding latents", unit="image", dynamic_ncols=True) as bar:
             def encoded(done: int, total: int) -> None:

@@ -4,7 +4,8 @@ The session is a :class:`~extensions_lib.train.setup.RunSetup` (every model weig
 embedding patch the method needs; beyond that it keeps what training does not read out of memory (the VAE
 once the latents are cached, and every row of the token-embedding matrices no prompt uses:
 :mod:`extensions_lib.train.offload`, :mod:`.token_rows`) and, on the CPU, has the UNet's frozen layers save
-less for backward (:mod:`extensions_lib.train.lean_backward`). Previews bring everything back for their
+less for backward (:mod:`extensions_lib.train.lean_backward`) and those at its lowest resolutions hold float16
+weights and compute from row chunks (:mod:`extensions_lib.train.low_res_layers`). Previews bring everything back for their
 duration; leaving the session restores the model exactly.
 """
 from __future__ import annotations
@@ -14,11 +15,13 @@ import functools
 import sys
 from typing import Callable
 
+import torch
+
 from ..train.loop import TrainResult, train
 from ..train.offload import Offload, OffloadSet
 from ..train.plan import RunPlan
 from ..train.setup import RunSetup, all_real
-from ..train.low_memory import low_memory_layers
+from ..train.low_memory import low_memory_layers, precision_in_effect
 from .method import TextualInversion, prepare
 from .options import EmbeddingTrainOptions
 from .patch import EmbeddingPatch, patch_text_encoders, unwrap
@@ -70,6 +73,7 @@ class TrainingSession:
         self.options = options
         self.setup = RunSetup(adapter)
         run_options = options.options if isinstance(options, RunPlan) else options
+        self.run_options = run_options
         self.moves_parts = run_options.offload_unused and self.setup.may_move_parts
         self.method: TextualInversion | None = None
         self._tables: OffloadSet | None = None
@@ -81,6 +85,11 @@ class TrainingSession:
                             for info in self.adapter.text_encoders}
             self._patch = patch_text_encoders(self.adapter)
             setup.undo_with(self._patch.unpatch)
+            # before the latents, so the VAE encodes beside the smaller UNet; not under bfloat16 low memory,
+            # whose layers hand bfloat16 activations on (these compute in float32)
+            if not (getattr(self.run_options, "low_memory", False) and precision_in_effect(self.adapter).compute == torch.bfloat16):
+                setup.low_res_layers(self.run_options.training_width, self.run_options.training_height,
+                                     self.run_options.batch_size)
             if self.moves_parts:
                 self._tables = token_tables(self._patch)
                 setup.move_away(self._tables)

@@ -10,7 +10,8 @@
   schedules parsed).
 - ``setup``: the model set up for a run and undone (:class:`~extensions_lib.train.setup.RunSetup`: every
   model weight frozen, patches, parts moved out of memory (``offload``), the lean backward
-  (``lean_backward``, ``cpu_memory``)).
+  (``lean_backward``, ``cpu_memory``), the low-resolution layers in float16 computed from row chunks
+  (``low_res_layers``), ``low_memory``).
 - ``loop``: the :class:`~extensions_lib.train.loop.TrainingMethod` protocol and
   :func:`~extensions_lib.train.loop.train`; its parts: ``lr_schedule``, ``optimizers``, ``resume``,
   ``rng``, ``run_log``, ``provenance``.

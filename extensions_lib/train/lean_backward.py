@@ -60,9 +60,10 @@ class FrozenConv2d(nn.Module):
 
 
 def can_freeze_conv(module: nn.Module) -> bool:
-    """A plain zero-padded Conv2d with numeric padding and no parameter that trains."""
+    """A plain zero-padded Conv2d with numeric padding and no parameter that trains, whose forward nothing
+    replaced (:mod:`.low_res_layers` and :mod:`.low_memory` give theirs, which save nothing either)."""
     return (type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-            and not any(p.requires_grad for p in module.parameters()))
+            and "forward" not in module.__dict__ and not any(p.requires_grad for p in module.parameters()))
 
 
 class _GegluProduct(torch.autograd.Function):

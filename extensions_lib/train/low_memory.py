@@ -162,8 +162,10 @@ _FORWARDS = {nn.Linear: _linear_forward, nn.Conv2d: _conv_forward}
 
 
 def _frozen_layers(root: nn.Module) -> Iterator[nn.Module]:
+    """Frozen Linear/Conv2d layers whose forward nothing else replaced (:mod:`.low_res_layers` has its own)."""
     for module in root.modules():
-        if type(module) in _FORWARDS and not any(p.requires_grad for p in module.parameters()):
+        if type(module) in _FORWARDS and "forward" not in module.__dict__ \
+                and not any(p.requires_grad for p in module.parameters()):
             yield module
 
 
@@ -282,6 +284,12 @@ def load_low_memory(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model
 
 
+def precision_in_effect(adapter) -> Precision:
+    """The precision low-memory training uses on `adapter`: that of :func:`load_low_memory` for its models,
+    else :func:`precision_for` the adapter's device."""
+    return getattr(adapter, "low_memory", None) or precision_for(adapter.device)
+
+
 @contextlib.contextmanager
 def low_memory_layers(adapter, enabled: bool, precision: Precision | None = None) -> Iterator[Precision | None]:
     """:func:`half_stored_layers` (exact) over the adapter's UNet and text encoders when `enabled`, in
@@ -291,7 +299,7 @@ def low_memory_layers(adapter, enabled: bool, precision: Precision | None = None
     if not enabled:
         yield None
         return
-    precision = precision or getattr(adapter, "low_memory", None) or precision_for(adapter.device)
+    precision = precision or precision_in_effect(adapter)
     with contextlib.ExitStack() as stack:
         for name, module in adapter.modules().items():
             if name != "vae":

@@ -10,18 +10,23 @@ of it in reverse order when the block ends: on success, on error and on interrup
     with RunSetup(adapter) as setup:                 # every model weight frozen, modules in eval mode
         patch = setup.apply(my_patch(adapter))       # a context manager, or setup.undo_with(fn)
         setup.move_away(parts_not_read)              # an Offload / OffloadSet, put back at the end
+        setup.low_res_layers(512, 512, 1)            # CPU: low-resolution UNet layers in float16, chunked
         setup.lean_backward()                        # CPU: frozen UNet layers save less for backward
         result = train(method, plan)
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, TypeVar
 
 from torch import nn
 
 from .cpu_memory import keeping_freed_memory, release_free_memory
 from .lean_backward import lean_backward
+from .low_res_layers import LowResReport, low_res_layers, training_rows, unet_runner
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -107,6 +112,22 @@ class RunSetup:
         swapped = self.apply(lean_backward(unet))
         self.apply(keeping_freed_memory())
         return swapped
+
+    def low_res_layers(self, width: int, height: int, batch: int) -> LowResReport | None:
+        """On the CPU, have the UNet's frozen layers that see few positions at this training size hold their
+        weights in float16 where exact and compute from row chunks (:mod:`.low_res_layers`); undone with the
+        run. None when not on the CPU, when parts move, or when the UNet could not be probed (logged)."""
+        unet = self.adapter.modules().get("unet")
+        if unet is None or self.adapter.device.type != "cpu" or not self.may_move_parts or not all_real(unet):
+            return None
+        try:
+            rows = training_rows(unet, unet_runner(self.adapter), (height // 8, width // 8), batch)
+        except Exception as error:     # an optimisation only: a UNet we cannot probe trains as it is
+            log.warning("low-resolution layers left as they are: probing the UNet failed: %s", error)
+            return None
+        report = self.apply(low_res_layers(unet, rows))
+        release_free_memory()
+        return report
 
     def release_memory(self) -> None:
         """Hand freed memory back to the system now and again when the run set-up is undone."""
