@@ -4,9 +4,9 @@ The session is a :class:`~extensions_lib.train.setup.RunSetup` (every model weig
 embedding patch the method needs; beyond that it keeps what training does not read out of memory (the VAE
 once the latents are cached, and every row of the token-embedding matrices no prompt uses:
 :mod:`extensions_lib.train.offload`, :mod:`.token_rows`) and, on the CPU, has the UNet's frozen layers save
-less for backward (:mod:`extensions_lib.train.lean_backward`) and those at its lowest resolutions hold float16
-weights and compute from row chunks (:mod:`extensions_lib.train.low_res_layers`). Previews bring everything back for their
-duration; leaving the session restores the model exactly.
+less for backward (:mod:`extensions_lib.train.lean_backward`) and those at its lowest resolutions hold
+float16 weights and compute from row chunks (:mod:`extensions_lib.train.low_res_layers`). Previews bring
+everything back for their duration; leaving the session restores the model exactly.
 """
 from __future__ import annotations
 
@@ -87,9 +87,9 @@ class TrainingSession:
             setup.undo_with(self._patch.unpatch)
             # before the latents, so the VAE encodes beside the smaller UNet; not under bfloat16 low memory,
             # whose layers hand bfloat16 activations on (these compute in float32)
-            if not (getattr(self.run_options, "low_memory", False) and precision_in_effect(self.adapter).compute == torch.bfloat16):
-                setup.low_res_layers(self.run_options.training_width, self.run_options.training_height,
-                                     self.run_options.batch_size)
+            opts = self.run_options
+            if not (getattr(opts, "low_memory", False) and precision_in_effect(self.adapter).compute == torch.bfloat16):
+                setup.low_res_layers(opts.training_width, opts.training_height, opts.batch_size)
             if self.moves_parts:
                 self._tables = token_tables(self._patch)
                 setup.move_away(self._tables)
