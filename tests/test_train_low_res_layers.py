@@ -101,6 +101,7 @@ def test_block_matches_float32_and_restores_the_model_bit_for_bit(tiny_model):
     adapter = tiny_model("sd1")
     unet = adapter.unet
     before = snapshot(unet)
+    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
     try:
         half_exact_(unet).requires_grad_(False)
         exact = snapshot(unet)
@@ -131,7 +132,8 @@ def test_block_matches_float32_and_restores_the_model_bit_for_bit(tiny_model):
         assert not any("forward" in m.__dict__ for m in unet.modules())
     finally:
         unet.load_state_dict(before)
-        unet.requires_grad_(True)
+        for name, p in unet.named_parameters():      # the model is shared between tests: leave it as it was
+            p.requires_grad_(flags[name])
 
 
 def test_weights_float16_cannot_hold_stay_float32():
