@@ -265,14 +265,13 @@ def _stream_weights(reader, parts: dict[str, torch.nn.Module], layout: keymap.La
     # diffusers takes a model's dtype from its first parameter and casts inputs to it: that one stays float32
     first = next(iter(parts["unet"].named_parameters()))[0] if half_unet_layers else None
 
-    def kept_half(key: str) -> bool:
-        return half_unet_layers and reader.dtype(key) == torch.float16 and all(
-            piece.component == "unet" and piece.key != first and _is_layer_weight(parts["unet"], piece.key)
-            for piece in keymap.ldm_to_diffusers(key, layout))
+    kept_half = {key for key in reader.keys() if half_unet_layers and reader.dtype(key) == torch.float16 and all(
+        piece.component == "unet" and piece.key != first and _is_layer_weight(parts["unet"], piece.key)
+        for piece in keymap.ldm_to_diffusers(key, layout))}
 
     def copied(key: str) -> bool:
         stored = reader.dtype(key)
-        return stored.is_floating_point and (stored != dtype or home.type != "cpu") and not kept_half(key)
+        return stored.is_floating_point and (stored != dtype or home.type != "cpu") and key not in kept_half
 
     sizes = [reader.nbytes(key) for key in reader.keys() if copied(key)]
     scratch = torch.empty(max(sizes), dtype=torch.uint8) if sizes else None
@@ -288,10 +287,10 @@ def _stream_weights(reader, parts: dict[str, torch.nn.Module], layout: keymap.La
         if pieces[0].component not in parts:
             continue
         tensor = reader.take(key, scratch if copied(key) else None)
-        half = kept_half(key)
+        target = torch.float16 if key in kept_half else dtype
         for piece in pieces:
             value = keymap.to_diffusers_tensor(tensor, piece)
-            value = value.to(home, torch.float16 if half else dtype) if value.is_floating_point() else value.to(home)
+            value = value.to(home, target) if value.is_floating_point() else value.to(home)
             _assign(parts[piece.component], piece.key, value.contiguous(), reader.path, key)
         del tensor
     return extras
