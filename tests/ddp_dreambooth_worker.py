@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -45,5 +47,10 @@ def interrupt(progress):
 
 start = time.monotonic()
 result = train_dreambooth(model, options, callbacks=interrupt, cancel=cancel, shard=shard)
-print(json.dumps({"rank": shard.rank, "step": result.step, "cancelled": result.cancelled,
-                  "log_dir": str(result.log_dir), "seconds": time.monotonic() - start}), flush=True)
+line = json.dumps({"rank": shard.rank, "step": result.step, "cancelled": result.cancelled,
+                   "log_dir": str(result.log_dir), "seconds": time.monotonic() - start}) + "\n"
+# one write() of the whole line: the ranks share torchrun's stdout pipe, and print() under an unbuffered stdout
+# (PYTHONUNBUFFERED) writes the text and its newline separately, so two ranks' lines could interleave. A pipe
+# write of at most PIPE_BUF bytes is atomic.
+sys.stdout.flush()
+os.write(sys.stdout.fileno(), line.encode())
