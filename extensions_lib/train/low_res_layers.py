@@ -179,11 +179,16 @@ def _probe(unet: nn.Module, run: Callable[[int], object], size: int) -> dict[nn.
             run(size)
     finally:
         for module, forward in stubbed:
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = forward
+            _restore_forward(module, forward)
     return rows
+
+
+def _restore_forward(module: nn.Module, forward: object) -> None:
+    """Give `module` back the instance forward it had (None: its class's)."""
+    if forward is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = forward
 
 
 def training_rows(unet: nn.Module, run: Callable[[int], object], latent_hw: tuple[int, int],
@@ -199,8 +204,9 @@ def training_rows(unet: nn.Module, run: Callable[[int], object], latent_hw: tupl
 
 def unet_runner(adapter) -> Callable[[int], object]:
     """`run(size)` for :func:`training_rows`: the adapter's UNet on a zero latent and a zero text context."""
+    channels = next(m for m in adapter.modules()["unet"].modules() if isinstance(m, nn.Conv2d)).in_channels
+
     def run(size: int):
-        channels = next(m for m in adapter.modules()["unet"].modules() if isinstance(m, nn.Conv2d)).in_channels
         return adapter.predict(torch.zeros(1, channels, size, size), torch.tensor([500]),
                                torch.zeros(1, 77, adapter.context_dim))
     return run
@@ -220,6 +226,7 @@ def load_for_training(path, device="cpu", latent_hw: tuple[int, int] = (64, 64),
     layers are float32 as usual. Elsewhere (another device, a float32 file) the same as ``load_model``."""
     from ..backend.standalone import load_model
     from .cpu_memory import release_free_memory
+    from .low_memory import remove_upcast
 
     model = load_model(path, device=device, half_unet_layers=True)
     unet = model.unet
@@ -229,7 +236,7 @@ def load_for_training(path, device="cpu", latent_hw: tuple[int, int] = (64, 64),
     rows = training_rows(unet, unet_runner(model), latent_hw, batch)
     with torch.no_grad():
         for module in half:     # (never the first parameter's layer: load_model keeps that float32)
-            module.__dict__.pop("forward", None)        # load_model's per-call upcast
+            remove_upcast(module)       # load_model's per-call upcast
             if rows.get(module, limit + 1) <= limit and can_compute_in_rows(module):
                 module.forward = types.MethodType(_rows_forward, module)
             else:
@@ -280,9 +287,6 @@ def low_res_layers(unet: nn.Module, rows: dict[nn.Module, int], limit: int = ROW
     finally:
         with torch.no_grad():
             for module, forward, converted in reversed(changed):
-                if forward is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = forward
+                _restore_forward(module, forward)
                 if converted:
                     module.weight.data = module.weight.data.to(COMPUTE)     # exact: checked when stored
